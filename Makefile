@@ -1,0 +1,32 @@
+# `make test` and `make demo` work on a fresh machine with only Python installed.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install test lint pytest aot demo clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+lint: install
+	$(VENV)/bin/ruff check memzoo tests benchmarks setup.py
+	$(VENV)/bin/ruff format --check memzoo tests benchmarks setup.py
+
+pytest: install
+	$(PY) -m pytest -q
+
+aot: install
+	$(PY) -m memzoo.kernels.aot
+
+test: lint pytest aot
+
+demo: install
+	$(VENV)/bin/memzoo info
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

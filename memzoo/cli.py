@@ -1,0 +1,95 @@
+"""The `memzoo` command (also `python -m memzoo`).
+
+memzoo info     versions, devices, usable backends and the registered ops
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+
+
+def _devices() -> list[str]:
+    import torch
+
+    devices = [
+        f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    ]
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(index)
+            devices.append(
+                f"cuda:{index} {props.name} (sm_{props.major}{props.minor}, "
+                f"{props.total_memory / 2**30:.0f} GiB)"
+            )
+    return devices
+
+
+def _backends() -> list[tuple[str, bool, str]]:
+    """(backend, usable, detail) for each way memzoo can run a kernel here."""
+    import torch
+
+    from memzoo.kernels import _core
+
+    triton_ok, triton_detail = _core.triton_status()
+    cuda = torch.cuda.is_available()
+    interpret = _core.interpreter_enabled()
+    extension_ok, extension_detail = _core.cuda_extension_status()
+    return [
+        ("torch", True, "plain-torch references; the CPU path"),
+        (
+            "triton (GPU)",
+            triton_ok and cuda,
+            triton_detail
+            if not triton_ok
+            else ("CUDA device present" if cuda else "no CUDA device"),
+        ),
+        (
+            "triton (interpreter)",
+            triton_ok and interpret,
+            triton_detail
+            if not triton_ok
+            else ("TRITON_INTERPRET=1" if interpret else "set TRITON_INTERPRET=1 to enable"),
+        ),
+        ("cuda extension", extension_ok, extension_detail),
+    ]
+
+
+def info(_: argparse.Namespace) -> int:
+    import torch
+
+    import memzoo
+    from memzoo.kernels import _core
+
+    triton_ok, triton_detail = _core.triton_status()
+    print(f"memzoo  {memzoo.__version__}")
+    print(f"python  {platform.python_version()} ({sys.executable})")
+    print(f"torch   {torch.__version__} (CUDA {torch.version.cuda or 'none'})")
+    print(f"triton  {triton_detail if triton_ok else 'not available: ' + triton_detail}")
+    print("\ndevices")
+    for device in _devices():
+        print(f"  {device}")
+    print("\nbackends")
+    for name, usable, detail in _backends():
+        print(f"  {name:<22}{'yes' if usable else 'no':<5}{detail}")
+    print("\nops")
+    for op in _core.registered_ops():
+        print(f"  {op.name:<28}{', '.join(op.backends)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="memzoo", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("info", help="versions, devices, backends and ops").set_defaults(run=info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

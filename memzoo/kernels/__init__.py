@@ -1,0 +1,10 @@
+"""Functional ops: tensors in, tensors out.
+
+Each op lives in its own folder (`reference.py` = plain torch oracle and CPU path,
+`triton.py` = GPU kernels) and picks a backend per call (`backend="auto"`).
+"""
+
+from memzoo.kernels._core import BackendUnavailableError
+from memzoo.kernels.conv1d import causal_conv1d, causal_conv1d_update
+
+__all__ = ["BackendUnavailableError", "causal_conv1d", "causal_conv1d_update"]
