@@ -280,13 +280,16 @@ class AotSpec:
     """One representative launch of a Triton kernel, compiled ahead of time by aot.py.
 
     `signature` maps every non-constexpr argument to a Triton type ("*fp32", "i32", ...);
-    `constexprs` gives every constexpr argument a value.
+    `constexprs` gives every constexpr argument a value. `multiple_of_16` names integer
+    arguments to compile as multiples of 16, as Triton specializes them at launch when they
+    are (e.g. a model width), which lets it vectorize loads.
     """
 
     name: str
     kernel: Any
     signature: dict[str, str]
     constexprs: dict[str, Any] = field(default_factory=dict)
+    multiple_of_16: tuple[str, ...] = ()
     num_warps: int = 4
     num_stages: int = 2
 
