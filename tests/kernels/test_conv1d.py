@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from memzoo.kernels import BackendUnavailableError, causal_conv1d, causal_conv1d_update
 from memzoo.kernels.conv1d.reference import (
@@ -166,6 +168,27 @@ def test_varlen_equals_per_sequence(backend):
         ["dx", "dweight", "dbias", "dinitial_state"], leaves, grads, strict=True
     ):
         assert_close(name, leaf.grad, out, ratio)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    lengths=st.lists(st.integers(0, 12), min_size=1, max_size=5),
+    W=st.integers(2, 8),
+    D=st.integers(1, 6),
+    seed=st.integers(0, 2**16),
+)
+def test_varlen_torch_path_property(lengths, W, D, seed):
+    """Any packing of any lengths (empty ones too) equals the sequences run one by one."""
+    total = sum(lengths)
+    x, w, b, s = make_inputs(1, total, D, W, seed=seed, num_states=len(lengths))
+    cu = cu_seqlens_from_lengths(lengths)
+    y, final = causal_conv1d(x, w, b, initial_state=s, output_final_state=True, cu_seqlens=cu)
+    offsets = cu.tolist()
+    for n in range(len(lengths)):
+        start, end = offsets[n], offsets[n + 1]
+        y_n, final_n = conv1d_ref(x[:, start:end], w, b, None, s[n : n + 1], True)
+        assert_close(f"y[{n}]", y_n, y[:, start:end], 1e-12)
+        assert_close(f"final[{n}]", final_n, final[n : n + 1], 1e-12)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

@@ -71,7 +71,10 @@ def _look_back(
 ) -> torch.Tensor:
     """The input `lag` steps before token `rows` (at position `pos` of sequence `seq`)."""
     inside = (pos >= lag).unsqueeze(1)
-    values = torch.where(inside, flat_x[(rows - lag).clamp(min=0)], 0.0)
+    if flat_x.shape[0] == 0:  # nothing to index: every input comes from the state
+        values = flat_x.new_zeros(rows.shape[0], flat_x.shape[1])
+    else:
+        values = torch.where(inside, flat_x[(rows - lag).clamp(min=0)], 0.0)
     if state is not None and lag > 0:
         # Before the sequence start: state slot W - 1 - lag + pos (oldest slot first).
         slot = (state.shape[2] - lag + pos).clamp(0, state.shape[2] - 1)

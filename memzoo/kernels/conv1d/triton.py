@@ -17,6 +17,8 @@ torch (deterministic; no atomics).
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import triton
 import triton.language as tl
@@ -25,23 +27,25 @@ from memzoo.kernels._core import AotSpec, autotune, register_aot
 
 # Rows per program in the backward kernel. Fixed (not autotuned) because it sets the number of
 # dweight partials the launcher allocates.
-BWD_BLOCK_T = 64
+BWD_BLOCK_T = 32
 
 
 def _fwd_configs():
+    # 16 elements of the [BT, BD] tile per thread keeps every config far from spilling.
     return [
-        triton.Config({"BT": 64, "BD": 64}, num_warps=4),
-        triton.Config({"BT": 128, "BD": 64}, num_warps=4),
-        triton.Config({"BT": 32, "BD": 128}, num_warps=4),
-        triton.Config({"BT": 64, "BD": 128}, num_warps=8),
+        triton.Config({"BT": 32, "BD": 64}, num_warps=4),
+        triton.Config({"BT": 64, "BD": 64}, num_warps=8),
+        triton.Config({"BT": 16, "BD": 128}, num_warps=4),
+        triton.Config({"BT": 32, "BD": 128}, num_warps=8),
     ]
 
 
 def _bwd_configs():
+    # The backward holds more tiles per row (g, g ahead, x, dx): 8 elements per thread.
     return [
-        triton.Config({"BD": 64}, num_warps=4),
-        triton.Config({"BD": 128}, num_warps=4),
-        triton.Config({"BD": 32}, num_warps=2),
+        triton.Config({"BD": 32}, num_warps=4),
+        triton.Config({"BD": 64}, num_warps=8),
+        triton.Config({"BD": 16}, num_warps=2),
     ]
 
 
@@ -212,15 +216,14 @@ def _conv1d_bwd_kernel(
     dx = tl.zeros([BT, BD], dtype=tl.float32)
     part_base = (tl.cast(i_r, tl.int64) * D + o_d) * W
     for tap in tl.static_range(W):
-        lag: tl.constexpr = W - 1 - tap
         w = tl.load(w_ptr + o_d * W + tap, mask=m_d, other=0.0).to(tl.float32)
-        # Row t reaches output t + lag through this tap, if that output is in its sequence.
-        ahead = (pos + lag < length)[:, None]
+        # Row t reaches output t + (W - 1 - tap) through this tap, if it is in its sequence.
+        ahead = (pos + (W - 1 - tap) < length)[:, None]
         g_ahead = tl.load(
-            g_ptr + (o_r + lag)[:, None] * D + o_d[None, :], mask=m & ahead, other=0.0
+            g_ptr + (o_r + (W - 1 - tap))[:, None] * D + o_d[None, :], mask=m & ahead, other=0.0
         )
         dx += g_ahead.to(tl.float32) * w[None, :]
-        x = _look_back(x_ptr, init_ptr, o_r, seq, pos, o_d, m, D, lag, W, HAS_INIT)
+        x = _look_back(x_ptr, init_ptr, o_r, seq, pos, o_d, m, D, W - 1 - tap, W, HAS_INIT)
         tl.store(dw_part_ptr + part_base + tap, tl.sum(g * x, axis=0), mask=m_d)
     if HAS_BIAS:
         tl.store(db_part_ptr + tl.cast(i_r, tl.int64) * D + o_d, tl.sum(g, axis=0), mask=m_d)
@@ -498,139 +501,103 @@ def causal_conv1d_update_triton(x, conv_state, weight, bias, activation):
     return y, new_state
 
 
+def _aot(name, kernel, dtype, constexprs, *, num_warps=4, aligned=False, fp32_out=False):
+    """Register one AOT launch. Pointers to activations (x, dy, out, dx, y) get `dtype`
+    (fp32 for a GRAD-mode output), offsets int32, everything else fp32; integers are i32."""
+    activations = {"x_ptr", "dy_ptr", "dx_ptr", "y_ptr"} | (set() if fp32_out else {"out_ptr"})
+    signature = {}
+    for arg in inspect.signature(kernel.fn).parameters:
+        if arg in constexprs:
+            continue
+        if not arg.endswith("_ptr"):
+            signature[arg] = "i32"
+        elif arg in activations:
+            signature[arg] = f"*{dtype}"
+        else:
+            signature[arg] = "*i32" if arg in ("cu_ptr", "seq_ptr") else "*fp32"
+    suffix = "-D16x" if aligned else ""
+    register_aot(
+        AotSpec(
+            name=f"{name}-{dtype}{suffix}",
+            kernel=kernel,
+            signature=signature,
+            constexprs=constexprs,
+            num_warps=num_warps,
+            multiple_of_16=("D",) if aligned else (),
+        )
+    )
+
+
 def _register_aot_specs() -> None:
-    """Representative launches: width 4 (Mamba) with silu, fp16/bf16 inputs, fixed and packed."""
-    inputs = {
-        "w_ptr": "*fp32",
-        "b_ptr": "*fp32",
-        "init_ptr": "*fp32",
-        "cu_ptr": "*i32",
-        "seq_ptr": "*i32",
-    }
-    sizes = {"rows": "i32", "T": "i32", "D": "i32"}
-    for dtype in ("bf16", "fp16"):
-        for varlen in (False, True):
-            for config in _fwd_configs():
-                BT, BD = config.kwargs["BT"], config.kwargs["BD"]
-                name = f"conv1d_fwd-{dtype}-W4-BT{BT}-BD{BD}{'-varlen' if varlen else ''}"
-                register_aot(
-                    AotSpec(
-                        name=name,
-                        kernel=_conv1d_fwd_kernel,
-                        signature={
-                            "x_ptr": f"*{dtype}",
-                            **inputs,
-                            "dy_ptr": f"*{dtype}",
-                            "out_ptr": f"*{dtype}",
-                            **sizes,
-                        },
-                        constexprs={
-                            "W": 4,
-                            "BT": BT,
-                            "BD": BD,
-                            "HAS_BIAS": True,
-                            "HAS_INIT": True,
-                            "IS_VARLEN": varlen,
-                            "SILU": True,
-                            "GRAD": False,
-                        },
-                        num_warps=config.num_warps,
-                    )
+    """Representative launches: width 4 (Mamba) with silu and bias, an initial state, bf16
+    (fp16 for the default config), fixed-length and packed; D both a multiple of 16 (as
+    Triton specializes model widths) and not."""
+    flags = {"W": 4, "HAS_BIAS": True, "HAS_INIT": True, "SILU": True}
+    for aligned in (True, False):
+        for config in _fwd_configs():
+            BT, BD = config.kwargs["BT"], config.kwargs["BD"]
+            for varlen in (False, True):
+                _aot(
+                    f"conv1d_fwd-W4-BT{BT}-BD{BD}{'-varlen' if varlen else ''}",
+                    _conv1d_fwd_kernel,
+                    "bf16",
+                    {**flags, "BT": BT, "BD": BD, "IS_VARLEN": varlen, "GRAD": False},
+                    num_warps=config.num_warps,
+                    aligned=aligned,
                 )
         for config in _bwd_configs():
             BD = config.kwargs["BD"]
-            register_aot(
-                AotSpec(
-                    name=f"conv1d_bwd-{dtype}-W4-BD{BD}-varlen",
-                    kernel=_conv1d_bwd_kernel,
-                    signature={
-                        "x_ptr": f"*{dtype}",
-                        "w_ptr": "*fp32",
-                        "init_ptr": "*fp32",
-                        "cu_ptr": "*i32",
-                        "seq_ptr": "*i32",
-                        "g_ptr": "*fp32",
-                        "dfinal_ptr": "*fp32",
-                        "dx_ptr": f"*{dtype}",
-                        "dw_part_ptr": "*fp32",
-                        "db_part_ptr": "*fp32",
-                        **sizes,
-                    },
-                    constexprs={
-                        "W": 4,
-                        "BT": BWD_BLOCK_T,
-                        "BD": BD,
-                        "HAS_BIAS": True,
-                        "HAS_INIT": True,
-                        "HAS_DFINAL": True,
-                        "IS_VARLEN": True,
-                    },
-                    num_warps=config.num_warps,
-                )
+            _aot(
+                f"conv1d_bwd-W4-BT{BWD_BLOCK_T}-BD{BD}-varlen",
+                _conv1d_bwd_kernel,
+                "bf16",
+                {
+                    "W": 4,
+                    "BT": BWD_BLOCK_T,
+                    "BD": BD,
+                    "HAS_BIAS": True,
+                    "HAS_INIT": True,
+                    "HAS_DFINAL": True,
+                    "IS_VARLEN": True,
+                },
+                num_warps=config.num_warps,
+                aligned=aligned,
             )
-    register_aot(
-        AotSpec(
-            name="conv1d_fwd_grad-bf16-W4-BT64-BD64",
-            kernel=_conv1d_fwd_kernel,
-            signature={"x_ptr": "*bf16", **inputs, "dy_ptr": "*bf16", "out_ptr": "*fp32", **sizes},
-            constexprs={
-                "W": 4,
-                "BT": 64,
-                "BD": 64,
-                "HAS_BIAS": True,
-                "HAS_INIT": True,
-                "IS_VARLEN": False,
-                "SILU": True,
-                "GRAD": True,
-            },
+        default = _fwd_configs()[0]
+        BT, BD = default.kwargs["BT"], default.kwargs["BD"]
+        _aot(
+            f"conv1d_fwd_grad-W4-BT{BT}-BD{BD}",
+            _conv1d_fwd_kernel,
+            "bf16",
+            {**flags, "BT": BT, "BD": BD, "IS_VARLEN": False, "GRAD": True},
+            num_warps=default.num_warps,
+            aligned=aligned,
+            fp32_out=True,
         )
+    _aot(
+        f"conv1d_fwd-W4-BT{BT}-BD{BD}",
+        _conv1d_fwd_kernel,
+        "fp16",
+        {**flags, "BT": BT, "BD": BD, "IS_VARLEN": False, "GRAD": False},
+        num_warps=default.num_warps,
     )
-    register_aot(
-        AotSpec(
-            name="conv1d_final_state-bf16-W4-BD128",
-            kernel=_conv1d_final_state_kernel,
-            signature={
-                "x_ptr": "*bf16",
-                "init_ptr": "*fp32",
-                "cu_ptr": "*i32",
-                "final_ptr": "*fp32",
-                "T": "i32",
-                "D": "i32",
-            },
-            constexprs={"W": 4, "BD": 128, "HAS_INIT": True, "IS_VARLEN": True},
-        )
+    _aot(
+        "conv1d_final_state-W4-BD128",
+        _conv1d_final_state_kernel,
+        "bf16",
+        {"W": 4, "BD": 128, "HAS_INIT": True, "IS_VARLEN": True},
     )
-    register_aot(
-        AotSpec(
-            name="conv1d_dinit-bf16-W4-BD128",
-            kernel=_conv1d_dinit_kernel,
-            signature={
-                "w_ptr": "*fp32",
-                "cu_ptr": "*i32",
-                "g_ptr": "*fp32",
-                "dfinal_ptr": "*fp32",
-                "dinit_ptr": "*fp32",
-                "T": "i32",
-                "D": "i32",
-            },
-            constexprs={"W": 4, "BD": 128, "HAS_DFINAL": True, "IS_VARLEN": True},
-        )
+    _aot(
+        "conv1d_dinit-W4-BD128",
+        _conv1d_dinit_kernel,
+        "bf16",
+        {"W": 4, "BD": 128, "HAS_DFINAL": True, "IS_VARLEN": True},
     )
-    register_aot(
-        AotSpec(
-            name="conv1d_update-bf16-W4-BD128",
-            kernel=_conv1d_update_kernel,
-            signature={
-                "x_ptr": "*bf16",
-                "state_ptr": "*fp32",
-                "w_ptr": "*fp32",
-                "b_ptr": "*fp32",
-                "y_ptr": "*bf16",
-                "new_state_ptr": "*fp32",
-                "D": "i32",
-            },
-            constexprs={"W": 4, "BD": 128, "HAS_BIAS": True, "SILU": True},
-        )
+    _aot(
+        "conv1d_update-W4-BD128",
+        _conv1d_update_kernel,
+        "bf16",
+        {"W": 4, "BD": 128, "HAS_BIAS": True, "SILU": True},
     )
 
 
