@@ -62,6 +62,15 @@ def _token_sequence(cu_ptr, seq_ptr, o_r, m_r, T, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _sequence_bounds(cu_ptr, n, T, IS_VARLEN: tl.constexpr):
+    """(start row, length) of sequence n (an int64 scalar)."""
+    if IS_VARLEN:
+        start = tl.load(cu_ptr + n).to(tl.int64)
+        return start, tl.load(cu_ptr + n + 1).to(tl.int64) - start
+    return n * T, n * 0 + T
+
+
+@triton.jit
 def _look_back(
     x_ptr,
     init_ptr,
@@ -158,12 +167,7 @@ def _conv1d_final_state_kernel(
 ):
     i_d, i_n = tl.program_id(0), tl.program_id(1)
     n = tl.cast(i_n, tl.int64)
-    if IS_VARLEN:
-        start = tl.load(cu_ptr + n).to(tl.int64)
-        length = tl.load(cu_ptr + n + 1).to(tl.int64) - start
-    else:
-        start = n * T
-        length = start * 0 + T
+    start, length = _sequence_bounds(cu_ptr, n, T, IS_VARLEN)
     o_d = i_d * BD + tl.arange(0, BD)
     m_d = o_d < D
     state_base = (n * D + o_d) * (W - 1)
@@ -252,12 +256,7 @@ def _conv1d_dinit_kernel(
 ):
     i_d, i_n = tl.program_id(0), tl.program_id(1)
     n = tl.cast(i_n, tl.int64)
-    if IS_VARLEN:
-        start = tl.load(cu_ptr + n).to(tl.int64)
-        length = tl.load(cu_ptr + n + 1).to(tl.int64) - start
-    else:
-        start = n * T
-        length = start * 0 + T
+    start, length = _sequence_bounds(cu_ptr, n, T, IS_VARLEN)
     o_d = i_d * BD + tl.arange(0, BD)
     m_d = o_d < D
     state_base = (n * D + o_d) * (W - 1)
