@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import inspect
 import os
 import pkgutil
 from collections.abc import Callable, Sequence
@@ -207,7 +208,9 @@ class InputCheck:
                 "move all inputs to one device"
             )
 
-    def cu_seqlens(self, cu_seqlens: Any, total: int, batch: int) -> torch.Tensor:
+    def cu_seqlens(
+        self, cu_seqlens: Any, total: int, batch: int, length_name: str = "T"
+    ) -> torch.Tensor:
         """Check packed sequence offsets: int32 `[N + 1]`, 0 first, non-decreasing, `total` last.
 
         Empty sequences are allowed (routing may leave a memory without tokens). The values are
@@ -246,12 +249,15 @@ class InputCheck:
                 )
             if int(last) != total:
                 raise self.error(
-                    f"cu_seqlens must end at the packed length T={total}, got {int(last)}"
+                    f"cu_seqlens must end at the packed length {length_name}={total}, "
+                    f"got {int(last)}"
                 )
         else:
             torch._assert_async(first == 0, f"{self.op}: cu_seqlens must start at 0")
             torch._assert_async((steps >= 0).all(), f"{self.op}: cu_seqlens must be non-decreasing")
-            torch._assert_async(last == total, f"{self.op}: cu_seqlens must end at T={total}")
+            torch._assert_async(
+                last == total, f"{self.op}: cu_seqlens must end at {length_name}={total}"
+            )
         return cu_seqlens
 
 
@@ -314,6 +320,17 @@ def registered_ops() -> list[OpInfo]:
     return sorted(_OPS.values(), key=lambda info: info.name)
 
 
+def aot_signature(kernel: Any, constexprs: dict[str, Any], types: dict[str, str]) -> dict[str, str]:
+    """Triton types of `kernel`'s non-constexpr arguments: `types[name]` where given, else
+    "*fp32" for pointers (names ending in `_ptr`) and "i32" for the rest."""
+    parameters = inspect.signature(getattr(kernel, "fn", kernel)).parameters
+    return {
+        name: types.get(name, "*fp32" if name.endswith("_ptr") else "i32")
+        for name in parameters
+        if name not in constexprs
+    }
+
+
 def register_aot(spec: AotSpec) -> None:
     if spec.name in _AOT:
         raise ValueError(f"AOT spec {spec.name!r} is registered twice")
@@ -321,12 +338,18 @@ def register_aot(spec: AotSpec) -> None:
 
 
 def aot_specs() -> list[AotSpec]:
-    """Every registered AOT spec, after importing each op's `triton` module."""
+    """Every registered AOT spec, after importing the Triton modules of every op
+    (`memzoo/kernels/<op>/triton.py` and `<op>/*_triton.py`)."""
     import memzoo.kernels as kernels
 
-    for module in pkgutil.iter_modules(kernels.__path__):
-        if module.ispkg and importlib.util.find_spec(f"memzoo.kernels.{module.name}.triton"):
-            importlib.import_module(f"memzoo.kernels.{module.name}.triton")
+    for package in pkgutil.iter_modules(kernels.__path__, "memzoo.kernels."):
+        if not package.ispkg:
+            continue
+        path = importlib.import_module(package.name).__path__
+        for module in pkgutil.iter_modules(path, package.name + "."):
+            leaf = module.name.rsplit(".", 1)[1]
+            if leaf == "triton" or leaf.endswith("_triton"):
+                importlib.import_module(module.name)
     return list(_AOT.values())
 
 

@@ -17,13 +17,11 @@ torch (deterministic; no atomics).
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 import triton
 import triton.language as tl
 
-from memzoo.kernels._core import AotSpec, autotune, register_aot
+from memzoo.kernels._core import AotSpec, aot_signature, autotune, register_aot
 
 # Rows per program in the backward kernel. Fixed (not autotuned) because it sets the number of
 # dweight partials the launcher allocates.
@@ -504,16 +502,8 @@ def _aot(name, kernel, dtype, constexprs, *, num_warps=4, aligned=False, fp32_ou
     """Register one AOT launch. Pointers to activations (x, dy, out, dx, y) get `dtype`
     (fp32 for a GRAD-mode output), offsets int32, everything else fp32; integers are i32."""
     activations = {"x_ptr", "dy_ptr", "dx_ptr", "y_ptr"} | (set() if fp32_out else {"out_ptr"})
-    signature = {}
-    for arg in inspect.signature(kernel.fn).parameters:
-        if arg in constexprs:
-            continue
-        if not arg.endswith("_ptr"):
-            signature[arg] = "i32"
-        elif arg in activations:
-            signature[arg] = f"*{dtype}"
-        else:
-            signature[arg] = "*i32" if arg in ("cu_ptr", "seq_ptr") else "*fp32"
+    types = {**{a: f"*{dtype}" for a in activations}, "cu_ptr": "*i32", "seq_ptr": "*i32"}
+    signature = aot_signature(kernel, constexprs, types)
     suffix = "-D16x" if aligned else ""
     register_aot(
         AotSpec(
