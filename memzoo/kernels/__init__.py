@@ -6,5 +6,17 @@ Each op lives in its own folder (`reference.py` = plain torch oracle and CPU pat
 
 from memzoo.kernels._core import BackendUnavailableError
 from memzoo.kernels.conv1d import causal_conv1d, causal_conv1d_update
+from memzoo.kernels.linear_attn import (
+    linear_attn,
+    linear_attn_step,
+    prefix_state,
+)
 
-__all__ = ["BackendUnavailableError", "causal_conv1d", "causal_conv1d_update"]
+__all__ = [
+    "BackendUnavailableError",
+    "causal_conv1d",
+    "causal_conv1d_update",
+    "linear_attn",
+    "linear_attn_step",
+    "prefix_state",
+]
