@@ -7,6 +7,8 @@ Each op lives in its own folder (`reference.py` = plain torch oracle and CPU pat
 from memzoo.kernels._core import BackendUnavailableError
 from memzoo.kernels.conv1d import causal_conv1d, causal_conv1d_update
 from memzoo.kernels.linear_attn import (
+    based_attn,
+    based_attn_step,
     linear_attn,
     linear_attn_step,
     prefix_state,
@@ -14,6 +16,8 @@ from memzoo.kernels.linear_attn import (
 
 __all__ = [
     "BackendUnavailableError",
+    "based_attn",
+    "based_attn_step",
     "causal_conv1d",
     "causal_conv1d_update",
     "linear_attn",

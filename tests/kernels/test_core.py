@@ -1,5 +1,8 @@
 """Backend resolution, input checks, registries and the interpreter autotune helper."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -104,6 +107,23 @@ def test_aot_specs_cover_every_conv1d_kernel():
     kernels = {spec.name.split("-")[0] for spec in _core.aot_specs()}
     assert {"conv1d_fwd", "conv1d_fwd_grad", "conv1d_bwd", "conv1d_final_state"} <= kernels
     assert {"conv1d_dinit", "conv1d_update"} <= kernels
+
+
+def test_aot_specs_find_every_triton_module():
+    modules = {spec.kernel.fn.__module__ for spec in _core.aot_specs()}
+    assert {
+        "memzoo.kernels.conv1d.triton",
+        "memzoo.kernels.linear_attn.triton",
+        "memzoo.kernels.linear_attn.based_triton",
+    } <= modules
+
+
+def test_importing_memzoo_does_not_import_triton():
+    """Triton is optional (Linux only) and must be imported only when a kernel runs."""
+    code = "import sys, memzoo.kernels, memzoo.cli; print('triton' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
 
 
 def test_autotune_runs_under_the_interpreter():

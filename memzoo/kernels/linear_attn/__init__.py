@@ -13,12 +13,15 @@ from __future__ import annotations
 import torch
 
 from memzoo.kernels._core import InputCheck, register_op, resolve_backend
+from memzoo.kernels.linear_attn.based import based_attn, based_attn_step
 from memzoo.kernels.linear_attn.feature_maps import FEATURE_MAPS, get_feature_map
 from memzoo.kernels.linear_attn.prefix import prefix_state
 from memzoo.kernels.linear_attn.reference import linear_attn_chunk_ref, linear_attn_step_ref
 
 __all__ = [
     "FEATURE_MAPS",
+    "based_attn",
+    "based_attn_step",
     "get_feature_map",
     "linear_attn",
     "linear_attn_step",
