@@ -37,9 +37,10 @@ import torch
 import triton
 import triton.language as tl
 
+from memzoo.kernels._chunks import ChunkTable, chunk_rows, packed_offsets
 from memzoo.kernels._core import AotSpec, aot_signature, register_aot
 from memzoo.kernels.linear_attn.based import FEATURE_DIM, NUM_FEATURES
-from memzoo.kernels.linear_attn.triton import AOT_TYPES, CHUNK, _block, _chunk_rows, _Chunks
+from memzoo.kernels.linear_attn.triton import AOT_TYPES, CHUNK, _block
 
 
 @triton.jit
@@ -171,7 +172,7 @@ def _fwd_output_kernel(
     D: tl.constexpr, F: tl.constexpr, FB: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
 ):  # fmt: skip
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    rows, m_t, valid = _chunk_rows(cu_ptr, chunk_seq_ptr, chunk_idx_ptr, i_c, BT)
+    rows, m_t, valid, _, _ = chunk_rows(cu_ptr, chunk_seq_ptr, chunk_idx_ptr, i_c, BT)
     o_d = tl.arange(0, D)
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
@@ -309,7 +310,7 @@ def _bwd_dqk_kernel(
     D: tl.constexpr, F: tl.constexpr, FB: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
 ):  # fmt: skip
     i_c, i_h = tl.program_id(0), tl.program_id(1)
-    rows, m_t, valid = _chunk_rows(cu_ptr, chunk_seq_ptr, chunk_idx_ptr, i_c, BT)
+    rows, m_t, valid, _, _ = chunk_rows(cu_ptr, chunk_seq_ptr, chunk_idx_ptr, i_c, BT)
     o_d = tl.arange(0, D)
     chunk_base = tl.cast(i_c, tl.int64) * H + i_h
     h_base = chunk_base * F * V
@@ -388,7 +389,7 @@ def _bwd_dv_kernel(
     D: tl.constexpr, F: tl.constexpr, FB: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
 ):  # fmt: skip
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    rows, m_t, valid = _chunk_rows(cu_ptr, chunk_seq_ptr, chunk_idx_ptr, i_c, BT)
+    rows, m_t, valid, _, _ = chunk_rows(cu_ptr, chunk_seq_ptr, chunk_idx_ptr, i_c, BT)
     o_d = tl.arange(0, D)
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
@@ -494,7 +495,7 @@ class BasedAttnFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, s0, z0, cu, fixed_length, eps, output_final):
         R, H, _ = q.shape
         V = v.shape[-1]
-        chunks = _Chunks(cu, R, fixed_length)
+        chunks = ChunkTable(cu, R, fixed_length, CHUNK)
         h, hz, st, zt = _states(k, v, s0, z0, chunks, output_final)
         o = torch.empty(R, H, V, dtype=v.dtype, device=v.device)
         den = torch.empty(R, H, dtype=torch.float32, device=v.device)
@@ -514,7 +515,7 @@ class BasedAttnFunction(torch.autograd.Function):
         eps = ctx.eps
         R, H, _ = q.shape
         V = v.shape[-1]
-        chunks = _Chunks(cu, R, ctx.fixed_length)
+        chunks = ChunkTable(cu, R, ctx.fixed_length, CHUNK)
         do = do.to(v.dtype).contiguous()
         # rowsum(dO . O) gives the denominator's gradient: -rowsum(dO . O) / (den + eps).
         delta = (do.float() * o.float()).sum(-1)
@@ -558,11 +559,7 @@ def based_attn_triton(q, k, v, *, eps, initial_state, output_final_state, cu_seq
     """Fused Triton BASED; contract of `based_attn` (inputs already checked and contiguous)."""
     B, T, H, _ = q.shape
     V = v.shape[-1]
-    if cu_seqlens is None:
-        cu = torch.arange(B + 1, dtype=torch.int32, device=q.device) * T
-        fixed_length = T
-    else:
-        cu, fixed_length = cu_seqlens, None
+    cu, fixed_length = packed_offsets(B, T, cu_seqlens, q.device)
     q, k, v = (t.reshape(B * T, H, t.shape[-1]) for t in (q, k, v))
     s0 = z0 = None
     if initial_state is not None:

@@ -1,10 +1,8 @@
 """Triton kernels for chunked gated linear attention (forward, backward) and its recurrent form.
 
-Sequences are always handled packed: rows of `[R, H, D]` tensors with int32 offsets `cu`
-(fixed-length batches become R = B * T with cu = [0, T, 2T, ...]). Time is cut into chunks of
-BT rows that never cross a sequence boundary. A chunk table built on the device (no host sync;
-its length is a static upper bound, surplus entries are masked out) maps a program to its
-(sequence, chunk); `chunk_first[n]` is the global index of sequence n's first chunk.
+Sequences are always handled packed: rows of `[R, H, D]` tensors with int32 offsets `cu`,
+cut into chunks of BT rows that never cross a sequence boundary (see `memzoo.kernels._chunks`;
+`chunk_first[n]` is the global index of sequence n's first chunk).
 
 Per chunk with in-chunk cumulative log-decay b (b_L its last value), state S_c entering it:
     o      = s (Q * exp(b)) S_c + s ((Q K^T) . M) V,          M_ts = exp(b_t - b_s), s <= t
@@ -26,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from memzoo.kernels._chunks import ChunkTable, chunk_rows, packed_offsets
 from memzoo.kernels._core import AotSpec, aot_signature, register_aot
 
 CHUNK = 64
@@ -44,19 +43,6 @@ def _chunk_decay(g_ptr, rows, m_t, H, i_h, HAS_G: tl.constexpr):
         return tl.cumsum(g, axis=0), tl.sum(g, axis=0)
     zero = tl.zeros([rows.shape[0]], dtype=tl.float32)
     return zero, tl.sum(zero, axis=0)
-
-
-@triton.jit
-def _chunk_rows(cu_ptr, chunk_seq_ptr, chunk_idx_ptr, i_c, BT: tl.constexpr):
-    """Rows [BT] of global chunk i_c, their mask, and whether the chunk exists (surplus table
-    entries have no rows, and their slots in the state buffers are never written)."""
-    seq = tl.load(chunk_seq_ptr + i_c)
-    valid = seq >= 0
-    seq = tl.maximum(seq, 0).to(tl.int64)
-    bos = tl.load(cu_ptr + seq).to(tl.int64)
-    eos = tl.load(cu_ptr + seq + 1).to(tl.int64)
-    rows = bos + tl.load(chunk_idx_ptr + i_c).to(tl.int64) * BT + tl.arange(0, BT)
-    return rows, (rows < eos) & valid, valid
 
 
 # One program: a [BK, BV] block of one (sequence, head) state, carried across that sequence's
@@ -114,7 +100,7 @@ def _fwd_output_kernel(
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr,
 ):  # fmt: skip
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    rows, m_t, valid = _chunk_rows(cu_ptr, chunk_seq_ptr, chunk_idx_ptr, i_c, BT)
+    rows, m_t, valid, _, _ = chunk_rows(cu_ptr, chunk_seq_ptr, chunk_idx_ptr, i_c, BT)
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
     h_base = (tl.cast(i_c, tl.int64) * H + i_h) * K * V
@@ -220,7 +206,7 @@ def _bwd_dqk_kernel(
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr,
 ):  # fmt: skip
     i_k, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    rows, m_t, valid = _chunk_rows(cu_ptr, chunk_seq_ptr, chunk_idx_ptr, i_c, BT)
+    rows, m_t, valid, _, _ = chunk_rows(cu_ptr, chunk_seq_ptr, chunk_idx_ptr, i_c, BT)
     o_k = i_k * BK + tl.arange(0, BK)
     m_k = o_k < K
     m_tk = m_t[:, None] & m_k[None, :]
@@ -269,7 +255,7 @@ def _bwd_dv_kernel(
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr,
 ):  # fmt: skip
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    rows, m_t, valid = _chunk_rows(cu_ptr, chunk_seq_ptr, chunk_idx_ptr, i_c, BT)
+    rows, m_t, valid, _, _ = chunk_rows(cu_ptr, chunk_seq_ptr, chunk_idx_ptr, i_c, BT)
     o_v = i_v * BV + tl.arange(0, BV)
     m_tv = m_t[:, None] & (o_v < V)[None, :]
     h_base = (tl.cast(i_c, tl.int64) * H + i_h) * K * V
@@ -353,30 +339,6 @@ def _recurrent_kernel(
 # --------------------------------------------------------------------------------------
 
 
-class _Chunks:
-    """The chunk table of packed sequences, built on the device without host syncs."""
-
-    def __init__(self, cu: torch.Tensor, total: int, fixed_length: int | None):
-        num_seqs = cu.numel() - 1
-        lengths = (cu[1:] - cu[:-1]).long()
-        per_seq = (lengths + CHUNK - 1) // CHUNK
-        ends = torch.cumsum(per_seq, 0)
-        self.first = (ends - per_seq).to(torch.int32)
-        # A static bound on the number of chunks: exact for fixed lengths, otherwise each
-        # sequence adds at most one partial chunk.
-        if fixed_length is not None:
-            self.bound = num_seqs * triton.cdiv(fixed_length, CHUNK)
-        else:
-            self.bound = triton.cdiv(total, CHUNK) + num_seqs
-        index = torch.arange(self.bound, device=cu.device)
-        seq = torch.searchsorted(ends, index, right=True)
-        valid = seq < num_seqs
-        seq = seq.clamp(max=max(num_seqs - 1, 0))
-        self.seq = torch.where(valid, seq, -1).to(torch.int32)
-        self.idx = (index - self.first.long()[seq]).to(torch.int32)
-        self.cu, self.num_seqs = cu, num_seqs
-
-
 def _states(k, v, g, h0, chunks, output_final):
     """States entering every chunk `[bound, H, K, V]` fp32, and the final states (or None)."""
     _, H, K = k.shape
@@ -424,7 +386,7 @@ class ChunkedLinearAttnFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, g, h0, cu, fixed_length, scale, output_final, out_dtype):
-        chunks = _Chunks(cu, q.shape[0], fixed_length)
+        chunks = ChunkTable(cu, q.shape[0], fixed_length, CHUNK)
         o, ht = _forward(q, k, v, g, h0, chunks, scale, output_final, out_dtype)
         ctx.save_for_backward(q, k, v, g, h0, cu, ht)
         ctx.fixed_length, ctx.scale = fixed_length, scale
@@ -434,7 +396,7 @@ class ChunkedLinearAttnFunction(torch.autograd.Function):
     def backward(ctx, do, dht):
         q, k, v, g, h0, cu, ht = ctx.saved_tensors
         scale = ctx.scale
-        chunks = _Chunks(cu, q.shape[0], ctx.fixed_length)
+        chunks = ChunkTable(cu, q.shape[0], ctx.fixed_length, CHUNK)
         R, H, K = q.shape
         V = v.shape[-1]
         BK, BV = _block(K), _block(V)
@@ -502,11 +464,7 @@ def linear_attn_triton(
     (inputs already checked and contiguous)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    if cu_seqlens is None:
-        cu = torch.arange(B + 1, dtype=torch.int32, device=q.device) * T
-        fixed_length = T
-    else:
-        cu, fixed_length = cu_seqlens, None
+    cu, fixed_length = packed_offsets(B, T, cu_seqlens, q.device)
     q, k, v = (t.reshape(B * T, H, t.shape[-1]) for t in (q, k, v))
     g = None if g is None else g.reshape(B * T, H).float()
     h0 = initial_state
