@@ -297,7 +297,7 @@ class AotSpec:
     constexprs: dict[str, Any] = field(default_factory=dict)
     multiple_of_16: tuple[str, ...] = ()
     num_warps: int = 4
-    num_stages: int = 2
+    num_stages: int = 3  # Triton's CUDA default, what launches get unless they say otherwise
 
 
 _OPS: dict[str, OpInfo] = {}
