@@ -11,31 +11,13 @@ benchmarks/results/based-<gpu>.md.
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 from pathlib import Path
 
 import torch
+from common import cuda_time_ms, write_result
 
 from memzoo.kernels import based_attn, linear_attn
 from memzoo.kernels.linear_attn import get_feature_map
-
-RESULTS = Path(__file__).parent / "results"
-
-
-def _time_ms(fn, repeats: int) -> float:
-    """Median CUDA-event time of fn() in milliseconds, after two warm-up calls."""
-    fn()
-    fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def _peak_mib(fn) -> float:
@@ -70,8 +52,8 @@ def _measure(fn, inputs, leaves, repeats: int) -> dict:
         fn(*leaves).float().sum().backward()
 
     return {
-        "fwd": _time_ms(forward, repeats),
-        "fwd_bwd": _time_ms(forward_backward, repeats),
+        "fwd": cuda_time_ms(forward, repeats),
+        "fwd_bwd": cuda_time_ms(forward_backward, repeats),
         "fwd_bwd_mib": _peak_mib(forward_backward),
     }
 
@@ -115,11 +97,7 @@ def write_table(rows, args) -> Path:
             f"{r['fwd_bwd_mib']:.0f} | {r['fwd'] / base['fwd']:.2f} | "
             f"{r['fwd_bwd'] / base['fwd_bwd']:.2f} | {r['fwd_bwd_mib'] / base['fwd_bwd_mib']:.2f} |"
         )
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"based-{device.lower().replace(' ', '-')}.md"
-    with tempfile.NamedTemporaryFile("w", dir=RESULTS, delete=False, suffix=".tmp") as tmp:
-        tmp.write("\n".join(lines) + "\n")
-    os.replace(tmp.name, path)
+    path = write_result(f"based-{device.lower().replace(' ', '-')}.md", lines)
     return path
 
 

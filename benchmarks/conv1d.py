@@ -10,18 +10,15 @@ benchmarks/results/conv1d-<device>.md (and a PNG when matplotlib is installed).
 from __future__ import annotations
 
 import argparse
-import os
 import platform
-import tempfile
 import time
 from pathlib import Path
 
 import torch
+from common import slug, write_result
 
 from memzoo.kernels import causal_conv1d
 from memzoo.kernels.conv1d.reference import conv1d_shift_ref
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def _timer(fn, device: torch.device, repeats: int) -> float:
@@ -110,13 +107,7 @@ def write_table(rows: list[dict], args: argparse.Namespace) -> Path:
     lines += [
         f"| {r['T']} | {r['impl']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} |" for r in rows
     ]
-    RESULTS.mkdir(exist_ok=True)
-    slug = device.lower().replace(" ", "-").replace("(", "").replace(")", "")
-    path = RESULTS / f"conv1d-{slug}.md"
-    # Atomic write: a crash never leaves a half-written table behind.
-    with tempfile.NamedTemporaryFile("w", dir=RESULTS, delete=False, suffix=".tmp") as tmp:
-        tmp.write("\n".join(lines) + "\n")
-    os.replace(tmp.name, path)
+    path = write_result(f"conv1d-{slug(device)}.md", lines)
     _plot(rows, path.with_suffix(".png"), device)
     return path
 

@@ -22,11 +22,11 @@ import platform
 import resource
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+from common import write_result
+
 IMPLS = ("chunk", "recurrent", "chunk fwd+bwd")
 
 
@@ -134,12 +134,7 @@ def write_table(rows: list[dict], args: argparse.Namespace, command: str) -> Pat
             f"| {r['T']} | {r['impl']} | {r['ms']:.1f} | {r['peak_mib']:.1f} "
             f"| {r['peak_mmap_mib']:.1f} | {speedup} |"
         )
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / "linear_attn-cpu.md"
-    # Atomic write: a crash never leaves a half-written table behind.
-    with tempfile.NamedTemporaryFile("w", dir=RESULTS, delete=False, suffix=".tmp") as tmp:
-        tmp.write("\n".join(lines) + "\n")
-    os.replace(tmp.name, path)
+    path = write_result("linear_attn-cpu.md", lines)
     return path
 
 

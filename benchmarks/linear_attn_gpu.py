@@ -11,31 +11,13 @@ benchmarks/results/linear_attn-<gpu>.md with times and ratios to SDPA.
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import cuda_time_ms, write_result
 
 from memzoo.kernels import linear_attn
-
-RESULTS = Path(__file__).parent / "results"
-
-
-def _time_ms(fn, repeats: int) -> float:
-    """Median CUDA-event time of fn() in milliseconds, after two warm-up calls."""
-    fn()
-    fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def _implementations():
@@ -68,8 +50,8 @@ def _implementations():
 
 def _time_impl(fn, inputs, leaves, repeats: int) -> tuple[float, float]:
     """(forward ms, forward+backward ms) of fn(q, k, v, g)."""
-    forward = _time_ms(lambda: fn(*inputs), repeats)
-    both = _time_ms(lambda: fn(*leaves, inputs[3]).float().sum().backward(), repeats)
+    forward = cuda_time_ms(lambda: fn(*inputs), repeats)
+    both = cuda_time_ms(lambda: fn(*leaves, inputs[3]).float().sum().backward(), repeats)
     return forward, both
 
 
@@ -106,11 +88,7 @@ def write_table(rows, args) -> Path:
             f"| {r['T']} | {r['impl']} | {r['fwd']:.3f} | {r['fwd_bwd']:.3f} | "
             f"{r['fwd'] / base['fwd']:.2f} | {r['fwd_bwd'] / base['fwd_bwd']:.2f} |"
         )
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"linear_attn-{device.lower().replace(' ', '-')}.md"
-    with tempfile.NamedTemporaryFile("w", dir=RESULTS, delete=False, suffix=".tmp") as tmp:
-        tmp.write("\n".join(lines) + "\n")
-    os.replace(tmp.name, path)
+    path = write_result(f"linear_attn-{device.lower().replace(' ', '-')}.md", lines)
     return path
 
 
