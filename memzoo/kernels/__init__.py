@@ -13,6 +13,7 @@ from memzoo.kernels.linear_attn import (
     linear_attn_step,
     prefix_state,
 )
+from memzoo.kernels.ssd import ssd, ssd_step
 
 __all__ = [
     "BackendUnavailableError",
@@ -23,4 +24,6 @@ __all__ = [
     "linear_attn",
     "linear_attn_step",
     "prefix_state",
+    "ssd",
+    "ssd_step",
 ]

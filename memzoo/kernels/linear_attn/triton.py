@@ -40,7 +40,11 @@ def _chunk_decay(g_ptr, rows, m_t, H, i_h, HAS_G: tl.constexpr):
     """(b, b_L): in-chunk inclusive cumulative log-decay [BT] and its total (fp32)."""
     if HAS_G:
         g = tl.load(g_ptr + rows * H + i_h, mask=m_t, other=0.0).to(tl.float32)
-        return tl.cumsum(g, axis=0), tl.sum(g, axis=0)
+        b = tl.cumsum(g, axis=0)
+        # b_L is the cumsum's own last entry (padded rows add 0), not a separately rounded
+        # tl.sum: then exp(b_L - b_t) is exactly 1 at the chunk's last token.
+        last = tl.arange(0, rows.shape[0]) == rows.shape[0] - 1
+        return b, tl.sum(tl.where(last, b, 0.0), axis=0)
     zero = tl.zeros([rows.shape[0]], dtype=tl.float32)
     return zero, tl.sum(zero, axis=0)
 
