@@ -5,6 +5,7 @@ Each op lives in its own folder (`reference.py` = plain torch oracle and CPU pat
 """
 
 from memzoo.kernels._core import BackendUnavailableError
+from memzoo.kernels.attention import KVCache, SlidingWindowCache, attention, attention_step
 from memzoo.kernels.conv1d import causal_conv1d, causal_conv1d_update
 from memzoo.kernels.linear_attn import (
     based_attn,
@@ -17,6 +18,10 @@ from memzoo.kernels.ssd import ssd, ssd_step
 
 __all__ = [
     "BackendUnavailableError",
+    "KVCache",
+    "SlidingWindowCache",
+    "attention",
+    "attention_step",
     "based_attn",
     "based_attn_step",
     "causal_conv1d",
