@@ -14,6 +14,7 @@ from memzoo.kernels.linear_attn import (
     linear_attn_step,
     prefix_state,
 )
+from memzoo.kernels.selective_scan import selective_scan, selective_state_update
 from memzoo.kernels.ssd import ssd, ssd_step
 
 __all__ = [
@@ -29,6 +30,8 @@ __all__ = [
     "linear_attn",
     "linear_attn_step",
     "prefix_state",
+    "selective_scan",
+    "selective_state_update",
     "ssd",
     "ssd_step",
 ]

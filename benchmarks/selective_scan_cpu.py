@@ -1,0 +1,200 @@
+"""CPU time and peak memory of the Mamba-1 selective scan: the chunked path vs token by token.
+
+Inputs are a Mamba block's: softplus(delta + delta_bias), A = -exp(A_log) with S4D-real
+values (-1 .. -N), B and C shared by all channels (G = 1), the D skip, the silu(z) gate and
+the final state. Every measurement runs in a fresh subprocess, which allocates its inputs,
+records its peak RSS (ru_maxrss) as the baseline, then runs: the memory columns are the growth
+of the peak above that baseline, under the default allocator and again (in another fresh
+process, one run) with glibc's mmap threshold pinned at 64 KiB, so that every buffer of 64 KiB
+or more is its own mapping, returned on free: what the algorithm holds at its peak. Forward
+rows run under torch.inference_mode(); "chunk fwd+bwd" backpropagates through the chunked
+path (the CPU training path). Writes benchmarks/results/selective_scan-cpu.md.
+
+    python benchmarks/selective_scan_cpu.py [--dim 512] [--state 16] [--lengths 4096]
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import write_result
+
+IMPLS = ("chunk", "recurrent", "chunk fwd+bwd")
+
+
+def _peak_mib() -> float:
+    # ru_maxrss is KiB on Linux, bytes on macOS.
+    scale = 1 / 2**20 if sys.platform == "darwin" else 1 / 2**10
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def _worker(impl: str, T: int, args: argparse.Namespace) -> dict:
+    """Run one measurement in this (fresh) process."""
+    import torch
+
+    from memzoo.kernels.selective_scan.reference import (
+        selective_scan_chunk_ref,
+        selective_scan_recurrent_ref,
+    )
+
+    Bsz, Dm, N = args.batch, args.dim, args.state
+
+    def inputs(length: int) -> dict:
+        generator = torch.Generator().manual_seed(0)
+
+        def randn(*shape):
+            return torch.randn(*shape, generator=generator)
+
+        dt_init = torch.empty(Dm).uniform_(-6.9, -2.3, generator=generator)
+        return {
+            "u": randn(Bsz, length, Dm),
+            "delta": randn(Bsz, length, Dm),
+            "A": -torch.arange(1, N + 1, dtype=torch.float32).repeat(Dm, 1),
+            "B": randn(Bsz, length, 1, N),
+            "C": randn(Bsz, length, 1, N),
+            "D": randn(Dm),
+            "z": randn(Bsz, length, Dm),
+            # Mamba's dt init: softplus(bias) log-uniform in [1e-3, 1e-1].
+            "delta_bias": torch.expm1(dt_init.exp()).log(),
+        }
+
+    form = selective_scan_recurrent_ref if impl == "recurrent" else selective_scan_chunk_ref
+
+    def run(tensors: dict) -> None:
+        if impl == "chunk fwd+bwd":
+            leaves = {k: t.requires_grad_() for k, t in tensors.items()}
+            y, state = form(**leaves, delta_softplus=True, output_final_state=True)
+            (y.sum() + state.sum()).backward()
+            for t in leaves.values():
+                t.grad = None
+        else:
+            with torch.inference_mode():
+                form(**tensors, delta_softplus=True, output_final_state=True)
+
+    run(inputs(64))  # thread pools and kernels start here, not inside the measurement
+    tensors = inputs(T)
+    baseline = _peak_mib()
+    times = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        run(tensors)
+        times.append((time.perf_counter() - start) * 1e3)
+    defaults = inspect.signature(selective_scan_chunk_ref).parameters
+    return {
+        "ms": sorted(times)[len(times) // 2],
+        "chunk_size": defaults["chunk_size"].default,
+        "block_size": defaults["block_size"].default,
+        "peak_mib": _peak_mib() - baseline,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+
+
+def _command(impl: str, T: int, args: argparse.Namespace, repeats: int) -> list[str]:
+    return [
+        sys.executable,
+        __file__,
+        "--worker",
+        impl,
+        "--lengths",
+        str(T),
+        "--batch",
+        str(args.batch),
+        "--dim",
+        str(args.dim),
+        "--state",
+        str(args.state),
+        "--repeats",
+        str(repeats),
+    ]
+
+
+def _measure(impl: str, T: int, args: argparse.Namespace) -> dict:
+    repeats = args.recurrent_repeats if impl == "recurrent" else args.repeats
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    result = subprocess.run(
+        _command(impl, T, args, repeats), capture_output=True, text=True, check=True, env=env
+    )
+    row = {"T": T, "impl": impl, **json.loads(result.stdout)}
+    env["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)
+    result = subprocess.run(
+        _command(impl, T, args, 1), capture_output=True, text=True, check=True, env=env
+    )
+    row["peak_mmap_mib"] = json.loads(result.stdout)["peak_mib"]
+    return row
+
+
+def write_table(rows: list[dict], args: argparse.Namespace, command: str) -> Path:
+    forward = {(r["T"], r["impl"]): r["ms"] for r in rows}
+    lines = [
+        f"# selective_scan on CPU {platform.machine()} ({rows[0]['threads']} threads)",
+        "",
+        f"B={args.batch}, Dm={args.dim}, N={args.state}, G=1, fp32, with delta_bias + softplus, "
+        f"D, z and the final state; median of {args.repeats} runs ({args.recurrent_repeats} "
+        f"for the recurrence); torch {rows[0]['torch']}. 'chunk' is the CPU path "
+        f"(`selective_scan_chunk_ref`, chunk_size={rows[0]['chunk_size']}, "
+        f"block_size={rows[0]['block_size']}), 'recurrent' the token-by-token oracle "
+        "(`selective_scan_recurrent_ref`). Memory: peak RSS growth during the call, measured "
+        "in a fresh process after the inputs are allocated, under the default allocator and "
+        "with glibc's mmap threshold pinned at 64 KiB (no heap fragmentation: what the "
+        "algorithm holds). "
+        "Forward rows run under inference_mode; 'chunk fwd+bwd' is forward plus backward "
+        f"through autograd (chunks checkpointed). Command: `{command}`",
+        "",
+        "| T | implementation | time (ms) | peak memory (MiB) | peak, 64 KiB mmap threshold "
+        "(MiB) | recurrence time / this |",
+        "|---:|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        ratio = forward.get((r["T"], "recurrent"), float("nan")) / r["ms"]
+        speedup = "" if r["impl"] == "chunk fwd+bwd" else f"{ratio:.1f}x"
+        lines.append(
+            f"| {r['T']} | {r['impl']} | {r['ms']:.1f} | {r['peak_mib']:.1f} "
+            f"| {r['peak_mmap_mib']:.1f} | {speedup} |"
+        )
+    return write_result("selective_scan-cpu.md", lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--state", type=int, default=16)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--recurrent-repeats", type=int, default=3)
+    parser.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(_worker(args.worker, args.lengths[0], args)))
+        return
+
+    command = (
+        f"python benchmarks/selective_scan_cpu.py --batch {args.batch} --dim {args.dim} "
+        f"--state {args.state} --lengths {' '.join(map(str, args.lengths))} "
+        f"--repeats {args.repeats} --recurrent-repeats {args.recurrent_repeats}"
+    )
+    print(command)
+    rows = []
+    for T in args.lengths:
+        for impl in IMPLS:
+            row = _measure(impl, T, args)
+            rows.append(row)
+            print(
+                f"T={T:>5} {impl:<14} {row['ms']:9.1f} ms  peak {row['peak_mib']:7.1f} MiB "
+                f"({row['peak_mmap_mib']:.1f} MiB with a 64 KiB mmap threshold)"
+            )
+    print(f"wrote {write_table(rows, args, command)}")
+
+
+if __name__ == "__main__":
+    main()
