@@ -1,0 +1,138 @@
+"""Triton selective scan (Mamba-1) vs the fp64 token-by-token reference, forward and gradients."""
+
+import pytest
+import torch
+
+from memzoo.kernels.selective_scan import selective_scan
+from memzoo.kernels.selective_scan.reference import selective_scan_recurrent_ref
+from memzoo.kernels.testing import assert_close, cu_seqlens_from_lengths, randn
+
+NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+
+
+def make_inputs(batch, T, Dm, N, G, *, seed, options=True, num_states=None, decay=(0.1, 2.0)):
+    """fp64 inputs by name; D, z and delta_bias only with `options`."""
+    low, high = decay
+    inputs = {
+        "u": randn(batch, T, Dm, seed=seed),
+        "delta": randn(batch, T, Dm, seed=seed + 1, scale=0.5),
+        "A": -(low + (high - low) * torch.rand(Dm, N, generator=torch.Generator().manual_seed(seed),
+                                               dtype=torch.float64)),
+        "B": randn(batch, T, G, N, seed=seed + 2),
+        "C": randn(batch, T, G, N, seed=seed + 3),
+        "initial_state": randn(num_states or batch, Dm, N, seed=seed + 4),
+    }  # fmt: skip
+    if options:
+        inputs["D"] = randn(Dm, seed=seed + 5)
+        inputs["z"] = randn(batch, T, Dm, seed=seed + 6)
+        inputs["delta_bias"] = randn(Dm, seed=seed + 7, scale=0.5)
+    return inputs
+
+
+def run(inputs, dtype, *, softplus, backend, cu_seqlens=None, seed=21):
+    """Forward + backward with random cotangents; returns y, final state, grads by name."""
+    leaves = {}
+    for name, t in inputs.items():
+        keep_fp32 = name in ("A", "initial_state") and dtype != torch.float64
+        leaves[name] = t.detach().to(torch.float32 if keep_fp32 else dtype).requires_grad_()
+    args = {n: leaves[n] for n in ("D", "z", "delta_bias", "initial_state") if n in leaves}
+    fn = selective_scan if backend != "reference" else selective_scan_recurrent_ref
+    kwargs = {} if backend == "reference" else {"backend": backend}
+    y, final = fn(
+        leaves["u"], leaves["delta"], leaves["A"], leaves["B"], leaves["C"], **args,
+        delta_softplus=softplus, output_final_state=True, cu_seqlens=cu_seqlens, **kwargs,
+    )  # fmt: skip
+    loss = (y.double() * randn(*y.shape, seed=seed, dtype=torch.float64)).sum()
+    loss = loss + (final.double() * randn(*final.shape, seed=seed + 1, dtype=torch.float64)).sum()
+    loss.backward()
+    return y, final, {n: t.grad for n, t in leaves.items()}
+
+
+def check(inputs, *, softplus, dtype=torch.float32, ratio=1e-4):
+    y, final, grads = run(inputs, dtype, softplus=softplus, backend="triton")
+    rounded = {n: t.to(dtype).double() if n not in ("A", "initial_state") else t.float().double()
+               for n, t in inputs.items()}  # fmt: skip
+    y_ref, final_ref, grads_ref = run(
+        rounded, torch.float64, softplus=softplus, backend="reference"
+    )
+    assert y.dtype == dtype and final.dtype == torch.float32
+    assert_close("y", y_ref, y, ratio)
+    assert_close("final_state", final_ref, final, ratio)
+    for name in inputs:
+        assert_close(f"d{name}", grads_ref[name], grads[name], ratio)
+
+
+CASES = [
+    pytest.param(1, 20, 4, 1, True, True, id="T1-Dm20-N4-G1-opts-softplus"),
+    pytest.param(63, 20, 16, 2, True, True, id="T63-Dm20-N16-G2-opts-softplus"),
+    pytest.param(100, 12, 16, 1, False, False, id="T100-Dm12-N16-G1-plain"),
+    pytest.param(256, 20, 4, 2, True, True, id="T256-Dm20-N4-G2-opts-softplus"),
+    pytest.param(100, 12, 4, 2, True, False, id="T100-Dm12-N4-G2-opts"),
+]
+
+
+@pytest.mark.parametrize("T,Dm,N,G,options,softplus", CASES)
+def test_forward_and_gradients_fp32(T, Dm, N, G, options, softplus):
+    inputs = make_inputs(2 if T < 100 else 1, T, Dm, N, G, seed=T + Dm, options=options)
+    if not softplus:  # the step size must then be >= 0 by itself, as Mamba's always is
+        for name in ("delta", "delta_bias"):
+            if name in inputs:
+                inputs[name] = inputs[name].abs()
+    check(inputs, softplus=softplus)
+
+
+def test_fp16_inputs():
+    check(make_inputs(1, 40, 20, 4, 2, seed=3), softplus=True, dtype=torch.float16, ratio=5e-3)
+
+
+@pytest.mark.parametrize("decay", [(10.0, 40.0), (1e-4, 2e-4)], ids=["strong", "tiny"])
+def test_extreme_decay_stays_accurate(decay):
+    """delta |A| up to ~20 per step (delta ~ 0.5) and down to ~1e-4."""
+    inputs = make_inputs(1, 40, 12, 4, 1, seed=8, options=False, decay=decay)
+    inputs["delta"] = inputs["delta"].abs() + 0.05
+    y, final, grads = run(inputs, torch.float32, softplus=False, backend="triton")
+    for name, t in [("y", y), ("final", final), *grads.items()]:
+        assert torch.isfinite(t).all(), name
+    check(inputs, softplus=False)
+
+
+def test_varlen_equals_per_sequence():
+    lengths = [1, 20, 0, 9]
+    inputs = make_inputs(1, sum(lengths), 20, 4, 2, seed=4, num_states=len(lengths))
+    cu = cu_seqlens_from_lengths(lengths)
+    y, final, grads = run(inputs, torch.float32, softplus=True, backend="triton", cu_seqlens=cu)
+    offsets = cu.tolist()
+    dy = randn(*y.shape, seed=21, dtype=torch.float64)
+    dfinal = randn(*final.shape, seed=22, dtype=torch.float64)
+    for n in range(len(lengths)):
+        start, end = offsets[n], offsets[n + 1]
+        part = {
+            name: (t[:, start:end] if name in ("u", "delta", "B", "C", "z") else t)
+            for name, t in inputs.items()
+        }
+        part["initial_state"] = inputs["initial_state"][n : n + 1]
+        leaves = {name: t.detach().float().requires_grad_() for name, t in part.items()}
+        args = {k: leaves[k] for k in ("D", "z", "delta_bias", "initial_state")}
+        y_n, final_n = selective_scan(
+            leaves["u"], leaves["delta"], leaves["A"], leaves["B"], leaves["C"], **args,
+            delta_softplus=True, output_final_state=True, backend="triton",
+        )  # fmt: skip
+        assert_close(f"y[{n}]", y_n, y[:, start:end], 1e-5)
+        assert_close(f"final[{n}]", final_n, final[n : n + 1], 1e-5)
+        loss = (y_n.double() * dy[:, start:end]).sum() + (final_n.double() * dfinal[n]).sum()
+        loss.backward()
+        for name in ("u", "delta", "B", "C", "z"):
+            assert_close(f"d{name}[{n}]", leaves[name].grad, grads[name][:, start:end], 1e-5)
+        assert_close(
+            f"dinit[{n}]", leaves["initial_state"].grad, grads["initial_state"][n : n + 1], 1e-5
+        )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_half_precision(dtype):
+    inputs = {n: t.cuda() for n, t in make_inputs(2, 2000, 256, 16, 2, seed=1).items()}
+    y, final, _ = run(inputs, dtype, softplus=True, backend="triton")
+    y_ref, final_ref, _ = run(inputs, torch.float64, softplus=True, backend="torch")
+    assert_close("y", y_ref, y, 2e-2)
+    assert_close("final", final_ref, final, 2e-2)
