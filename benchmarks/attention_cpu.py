@@ -23,24 +23,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
-import resource
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+from common import measure_in_subprocesses, peak_rss_mib, write_result
+
 IMPLS = ("window (blocked)", "dense masked SDPA", "full causal SDPA")
 DENSE = "dense masked SDPA"
-
-
-def _peak_mib() -> float:
-    # ru_maxrss is KiB on Linux, bytes on macOS.
-    scale = 1 / 2**20 if sys.platform == "darwin" else 1 / 2**10
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 def _worker(impl: str, T: int, args: argparse.Namespace) -> dict:
@@ -69,7 +60,7 @@ def _worker(impl: str, T: int, args: argparse.Namespace) -> dict:
     with torch.inference_mode():
         run(*inputs(256))  # thread pools and kernels start here, not inside the measurement
         tensors = inputs(T)
-        baseline = _peak_mib()
+        baseline = peak_rss_mib()
         times = []
         for _ in range(args.repeats):
             start = time.perf_counter()
@@ -77,37 +68,21 @@ def _worker(impl: str, T: int, args: argparse.Namespace) -> dict:
             times.append((time.perf_counter() - start) * 1e3)
     return {
         "ms": sorted(times)[len(times) // 2],
-        "peak_mib": _peak_mib() - baseline,
+        "peak_mib": peak_rss_mib() - baseline,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
     }
 
 
 def _measure(impl: str, T: int, args: argparse.Namespace, repeats: int) -> dict:
-    command = [
-        sys.executable,
-        __file__,
-        "--worker",
-        impl,
-        "--lengths",
-        str(T),
-        "--heads",
-        str(args.heads),
-        "--dim",
-        str(args.dim),
-        "--window",
-        str(args.window),
-        "--repeats",
-        str(repeats),
-    ]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    result = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
-    row = {"T": T, "impl": impl, "repeats": repeats, **json.loads(result.stdout)}
-    command[command.index("--repeats") + 1] = "1"
-    env["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)
-    result = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
-    row["peak_mmap_mib"] = json.loads(result.stdout)["peak_mib"]
-    return row
+    def command(count: int) -> list[str]:
+        return [
+            sys.executable, __file__, "--worker", impl, "--lengths", str(T),
+            "--heads", str(args.heads), "--dim", str(args.dim), "--window", str(args.window),
+            "--repeats", str(count),
+        ]  # fmt: skip
+
+    return {"T": T, "impl": impl, "repeats": repeats, **measure_in_subprocesses(command, repeats)}
 
 
 def write_table(rows: list[dict], args: argparse.Namespace, command: str) -> Path:
@@ -143,13 +118,7 @@ def write_table(rows: list[dict], args: argparse.Namespace, command: str) -> Pat
             f"| {r['T']} | {r['impl']} | {r['ms']:.1f} | {r['peak_mib']:.1f} "
             f"| {r['peak_mmap_mib']:.1f} | {per_token_kib:.1f} | {ratio:.1f}x |"
         )
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / "attention-cpu.md"
-    # Atomic write: a crash never leaves a half-written table behind.
-    with tempfile.NamedTemporaryFile("w", dir=RESULTS, delete=False, suffix=".tmp") as tmp:
-        tmp.write("\n".join(lines) + "\n")
-    os.replace(tmp.name, path)
-    return path
+    return write_result("attention-cpu.md", lines)
 
 
 def main() -> None:

@@ -1,9 +1,14 @@
-"""Shared pieces of the benchmark scripts: timing and writing result tables atomically."""
+"""Shared pieces of the benchmark scripts: timing, memory in fresh processes, atomic tables."""
 
 from __future__ import annotations
 
+import json
 import os
+import resource
+import subprocess
+import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -39,3 +44,25 @@ def write_result(name: str, lines: list[str]) -> Path:
         tmp.write("\n".join(lines) + "\n")
     os.replace(tmp.name, path)
     return path
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory in MiB (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    scale = 1 / 2**20 if sys.platform == "darwin" else 1 / 2**10
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def measure_in_subprocesses(command: Callable[[int], list[str]], repeats: int) -> dict:
+    """Run a worker command (taking a repeat count) in fresh processes; return its JSON row.
+
+    The first run times `repeats` calls under the default allocator; a second single call
+    runs with glibc's mmap threshold pinned at 64 KiB, so freed memory returns to the system
+    and `peak_mmap_mib` shows what the algorithm holds rather than heap fragmentation.
+    """
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    result = subprocess.run(command(repeats), capture_output=True, text=True, check=True, env=env)
+    row = json.loads(result.stdout)
+    env["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)
+    result = subprocess.run(command(1), capture_output=True, text=True, check=True, env=env)
+    row["peak_mmap_mib"] = json.loads(result.stdout)["peak_mib"]
+    return row

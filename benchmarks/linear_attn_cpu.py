@@ -17,23 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
-import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from common import write_result
+from common import measure_in_subprocesses, peak_rss_mib, write_result
 
 IMPLS = ("chunk", "recurrent", "chunk fwd+bwd")
-
-
-def _peak_mib() -> float:
-    # ru_maxrss is KiB on Linux, bytes on macOS.
-    scale = 1 / 2**20 if sys.platform == "darwin" else 1 / 2**10
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 def _worker(impl: str, T: int, heads: int, dim: int, repeats: int) -> dict:
@@ -69,7 +60,7 @@ def _worker(impl: str, T: int, heads: int, dim: int, repeats: int) -> dict:
 
     run(inputs(64))  # thread pools and kernels start here, not inside the measurement
     tensors = inputs(T)
-    baseline = _peak_mib()
+    baseline = peak_rss_mib()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -77,7 +68,7 @@ def _worker(impl: str, T: int, heads: int, dim: int, repeats: int) -> dict:
         times.append((time.perf_counter() - start) * 1e3)
     return {
         "ms": sorted(times)[len(times) // 2],
-        "peak_mib": _peak_mib() - baseline,
+        "peak_mib": peak_rss_mib() - baseline,
         "inputs_mib": sum(t.numel() * t.element_size() for t in tensors) / 2**20,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -86,28 +77,14 @@ def _worker(impl: str, T: int, heads: int, dim: int, repeats: int) -> dict:
 
 def _measure(impl: str, T: int, args: argparse.Namespace) -> dict:
     repeats = args.recurrent_repeats if impl == "recurrent" else args.repeats
-    command = [
-        sys.executable,
-        __file__,
-        "--worker",
-        impl,
-        "--lengths",
-        str(T),
-        "--heads",
-        str(args.heads),
-        "--dim",
-        str(args.dim),
-        "--repeats",
-        str(repeats),
-    ]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    result = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
-    row = {"T": T, "impl": impl, "repeats": repeats, **json.loads(result.stdout)}
-    command[command.index("--repeats") + 1] = "1"
-    env["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)
-    result = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
-    row["peak_mmap_mib"] = json.loads(result.stdout)["peak_mib"]
-    return row
+
+    def command(count: int) -> list[str]:
+        return [
+            sys.executable, __file__, "--worker", impl, "--lengths", str(T),
+            "--heads", str(args.heads), "--dim", str(args.dim), "--repeats", str(count),
+        ]  # fmt: skip
+
+    return {"T": T, "impl": impl, "repeats": repeats, **measure_in_subprocesses(command, repeats)}
 
 
 def write_table(rows: list[dict], args: argparse.Namespace, command: str) -> Path:

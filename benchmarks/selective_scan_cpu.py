@@ -18,23 +18,14 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import os
 import platform
-import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from common import write_result
+from common import measure_in_subprocesses, peak_rss_mib, write_result
 
 IMPLS = ("chunk", "recurrent", "chunk fwd+bwd")
-
-
-def _peak_mib() -> float:
-    # ru_maxrss is KiB on Linux, bytes on macOS.
-    scale = 1 / 2**20 if sys.platform == "darwin" else 1 / 2**10
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 def _worker(impl: str, T: int, args: argparse.Namespace) -> dict:
@@ -82,7 +73,7 @@ def _worker(impl: str, T: int, args: argparse.Namespace) -> dict:
 
     run(inputs(64))  # thread pools and kernels start here, not inside the measurement
     tensors = inputs(T)
-    baseline = _peak_mib()
+    baseline = peak_rss_mib()
     times = []
     for _ in range(args.repeats):
         start = time.perf_counter()
@@ -93,7 +84,7 @@ def _worker(impl: str, T: int, args: argparse.Namespace) -> dict:
         "ms": sorted(times)[len(times) // 2],
         "chunk_size": defaults["chunk_size"].default,
         "block_size": defaults["block_size"].default,
-        "peak_mib": _peak_mib() - baseline,
+        "peak_mib": peak_rss_mib() - baseline,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
     }
@@ -120,17 +111,8 @@ def _command(impl: str, T: int, args: argparse.Namespace, repeats: int) -> list[
 
 def _measure(impl: str, T: int, args: argparse.Namespace) -> dict:
     repeats = args.recurrent_repeats if impl == "recurrent" else args.repeats
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    result = subprocess.run(
-        _command(impl, T, args, repeats), capture_output=True, text=True, check=True, env=env
-    )
-    row = {"T": T, "impl": impl, **json.loads(result.stdout)}
-    env["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)
-    result = subprocess.run(
-        _command(impl, T, args, 1), capture_output=True, text=True, check=True, env=env
-    )
-    row["peak_mmap_mib"] = json.loads(result.stdout)["peak_mib"]
-    return row
+    row = measure_in_subprocesses(lambda count: _command(impl, T, args, count), repeats)
+    return {"T": T, "impl": impl, **row}
 
 
 def write_table(rows: list[dict], args: argparse.Namespace, command: str) -> Path:
