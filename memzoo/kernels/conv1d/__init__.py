@@ -86,7 +86,9 @@ def causal_conv1d(
         return causal_conv1d_triton(
             x, weight, bias, activation, initial_state, output_final_state, cu_seqlens
         )
-    if cu_seqlens is None:
+    # F.conv1d is fast for fp32/fp16/bf16 on CPU but falls back to a per-channel loop for
+    # fp64 (~100x slower); the shifted-sum form costs W multiply-adds in any dtype.
+    if cu_seqlens is None and x.dtype != torch.float64:
         return conv1d_ref(x, weight, bias, activation, initial_state, output_final_state)
     return conv1d_shift_ref(
         x, weight, bias, activation, initial_state, output_final_state, cu_seqlens
