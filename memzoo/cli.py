@@ -1,6 +1,8 @@
 """The `memzoo` command (also `python -m memzoo`).
 
 memzoo info     versions, devices, usable backends and the registered ops
+memzoo train    pretrain an LM: --config configs/<preset>.yaml [section.key=value ...]
+                [--resume RUN_DIR]; the same under torchrun --nproc_per_node N
 """
 
 from __future__ import annotations
@@ -79,10 +81,50 @@ def info(_: argparse.Namespace) -> int:
     return 0
 
 
+def train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from memzoo.train.checkpoint import CheckpointError
+    from memzoo.train.config import load_run_config
+    from memzoo.train.trainer import Trainer, TrainingDiverged
+
+    config_path = args.config
+    if config_path is None and args.resume is not None:
+        config_path = Path(args.resume) / "config.yaml"  # the run's own config
+    try:
+        config = load_run_config(config_path, args.overrides)
+        trainer = Trainer(config, resume=args.resume, device=args.device)
+        result = trainer.run()
+    except (CheckpointError, TrainingDiverged, ValueError, FileNotFoundError) as error:
+        print(f"memzoo train: error: {error}", file=sys.stderr)
+        return 1
+    finally:
+        if "trainer" in locals():
+            trainer.dist.close()
+    if trainer.dist.is_main:
+        state = "interrupted; checkpoint saved" if result.interrupted else "done"
+        eval_text = "" if result.eval_loss is None else f", held-out loss {result.eval_loss:.4f}"
+        print(
+            f"{state}: step {result.step}, loss {result.loss:.4f}{eval_text}, "
+            f"{result.tokens_per_s:,.0f} tokens/s; run directory {result.run_dir}"
+        )
+    return 130 if result.interrupted else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memzoo", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="versions, devices, backends and ops").set_defaults(run=info)
+    p = commands.add_parser(
+        "train",
+        help="pretrain an LM (single process, or under torchrun)",
+        description="Pretrain an LM. Overrides look like train.lr=1e-3 model.d_model=64.",
+    )
+    p.add_argument("--config", help="run config YAML (model/data/train sections)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    p.set_defaults(run=train)
     return parser
 
 

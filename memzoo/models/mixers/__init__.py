@@ -13,6 +13,8 @@ builds one and reports unknown names or options with the valid ones listed.
 | `mamba`       | Mamba-1 block                                 | mamba.py          |
 | `mamba2`      | Mamba-2 block (SSD)                           | mamba2.py         |
 | `jrt`         | JRT-RNN prefix linear attention               | jrt.py            |
+| `mom`         | Mixture-of-Memories linear attention          | mom.py            |
+| `memmamba`    | Mamba + note pool (cross-token/-layer reads)  | memmamba.py       |
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ MIXERS: dict[str, str] = {
     "mamba": "mamba:Mamba",
     "mamba2": "mamba2:Mamba2",
     "jrt": "jrt:JRTLinearAttention",
+    "mom": "mom:MixtureOfMemories",
+    "memmamba": "memmamba:MemMamba",
 }
 
 
