@@ -10,6 +10,7 @@ layer's mixers, memories and FFN with learned scalar gates g (initialised to 1 /
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -28,6 +29,9 @@ from memzoo.models.norm import RMSNorm
 __all__ = ["LM"]
 
 CONFIG_FILE = "config.json"
+# The parameters of a branch that write into the residual stream: mixers' and memories'
+# out_proj, the FFNs' w2 (the MoE's stacked experts: w2).
+_OUTPUT_PROJECTIONS = ("out_proj.weight", "w2.weight", "w2")
 WEIGHTS_FILE = "model.safetensors"
 
 
@@ -109,7 +113,19 @@ class LM(nn.Module):
         nn.init.normal_(self.embed.weight, std=config.init_std)
         if self.head is not None:
             nn.init.normal_(self.head.weight, std=config.init_std)
+        self._rescale_residual_outputs()
         self.aux_loss: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def _rescale_residual_outputs(self) -> None:
+        """Divide each branch's output projection by sqrt(residual branches in the model), as
+        GPT-2 and mamba-ssm do, so the residual stream's variance does not grow with depth."""
+        branches = sum(len(block.branches()) for block in self.blocks)
+        for block in self.blocks:
+            for branch in block.branches():
+                for name, p in branch.named_parameters():
+                    if name in _OUTPUT_PROJECTIONS:
+                        p /= math.sqrt(branches)
 
     # ---- forward ---------------------------------------------------------------------------
 

@@ -194,3 +194,12 @@ def test_bad_token_ids_are_clear():
         model(torch.tensor([[0, model.config.vocab_size]]))
     with pytest.raises(ValueError, match=r"input_ids must be \[B, T\]"):
         model(torch.zeros(3, dtype=torch.long))
+
+
+def test_residual_output_projections_are_scaled_by_depth():
+    model = tiny("mamba-tiny")
+    branches = sum(len(b.branches()) for b in model.blocks)
+    out = model.blocks[0].mixers[0].out_proj.weight
+    bound = out.shape[1] ** -0.5  # nn.Linear's default init: uniform within 1/sqrt(fan_in)
+    assert out.abs().max() <= bound / branches**0.5
+    assert out.abs().max() > 0.8 * bound / branches**0.5
