@@ -530,7 +530,8 @@ def _aot(name, kernel, constexprs, *, num_warps=4):
 
 
 def _register_aot_specs() -> None:
-    for K, V in ((16, 64), (64, 64), (128, 128)):
+    # (64, 64) and (128, 64) are Mamba-2 (SSD) heads: K = d_state, V = headdim.
+    for K, V in ((16, 64), (64, 64), (128, 64), (128, 128)):
         blocks = {"BT": CHUNK, "BK": _block(K), "BV": _block(V), "HAS_G": True}
         tag = f"K{K}-V{V}"
         _aot(
