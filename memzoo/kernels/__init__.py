@@ -14,6 +14,7 @@ from memzoo.kernels.linear_attn import (
     linear_attn_step,
     prefix_state,
 )
+from memzoo.kernels.memmamba import note_attention, note_attention_step, select_notes
 from memzoo.kernels.selective_scan import selective_scan, selective_state_update
 from memzoo.kernels.ssd import ssd, ssd_step
 
@@ -29,7 +30,10 @@ __all__ = [
     "causal_conv1d_update",
     "linear_attn",
     "linear_attn_step",
+    "note_attention",
+    "note_attention_step",
     "prefix_state",
+    "select_notes",
     "selective_scan",
     "selective_state_update",
     "ssd",
