@@ -108,6 +108,14 @@ class LM(nn.Module):
         d = config.d_model
         self.embed = nn.Embedding(config.vocab_size, d)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        # Mixers that read earlier layers' state (MemMamba's cross-layer reads) get references
+        # to the mixers of every earlier layer.
+        earlier = []
+        for block in self.blocks:
+            for mixer in block.mixers:
+                if hasattr(mixer, "connect_layers"):
+                    mixer.connect_layers(tuple(earlier))
+            earlier.extend(block.mixers)
         self.norm = RMSNorm(d, config.norm_eps)
         self.head = None if config.tie_embeddings else nn.Linear(d, config.vocab_size, bias=False)
         nn.init.normal_(self.embed.weight, std=config.init_std)
