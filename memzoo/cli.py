@@ -3,6 +3,8 @@
 memzoo info     versions, devices, usable backends and the registered ops
 memzoo train    pretrain an LM: --config configs/<preset>.yaml [section.key=value ...]
                 [--resume RUN_DIR]; the same under torchrun --nproc_per_node N
+memzoo eval     passkey (by length and depth), lm-eval (offline tasks), fidelity (memory
+                fidelity of checkpoints)
 """
 
 from __future__ import annotations
@@ -125,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
     p.set_defaults(run=train)
+
+    from memzoo.eval.cli_eval import add_eval_parsers
+    from memzoo.eval.fidelity import add_fidelity_parser
+
+    add_fidelity_parser(add_eval_parsers(commands))
     return parser
 
 
