@@ -22,7 +22,7 @@ from memzoo.models.config import load_config
 from memzoo.models.lm import LM
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-PRESETS = ("transformer", "based", "mamba", "mamba2", "jrt", "hydra")
+PRESETS = ("transformer", "based", "mamba", "mamba2", "jrt", "hydra", "memmamba", "mom")
 STATE_LENGTHS = (1024, 8192)
 
 
