@@ -25,8 +25,11 @@ aot: install
 
 test: lint pytest aot
 
+# The quick MQAR sweep: every mixer at two widths, ~10 minutes on 2 CPU cores.
 demo: install
 	$(VENV)/bin/memzoo info
+	$(VENV)/bin/memzoo sweep mqar --preset quick --out runs/sweep-mqar-quick
+	@echo "table: runs/sweep-mqar-quick/results.md  plot: runs/sweep-mqar-quick/recall_vs_state.png"
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -3,6 +3,7 @@
 memzoo info     versions, devices, usable backends and the registered ops
 memzoo train    pretrain an LM: --config configs/<preset>.yaml [section.key=value ...]
                 [--resume RUN_DIR]; the same under torchrun --nproc_per_node N
+memzoo sweep    mqar --preset quick|paper: every mixer on the recall vs state-size plane
 memzoo eval     passkey (by length and depth), lm-eval (offline tasks), fidelity (memory
                 fidelity of checkpoints)
 """
@@ -129,9 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=train)
 
     from memzoo.eval.cli_eval import add_eval_parsers
+    from memzoo.eval.cli_sweep import add_sweep_parser
     from memzoo.eval.fidelity import add_fidelity_parser
 
     add_fidelity_parser(add_eval_parsers(commands))
+    add_sweep_parser(commands)
     return parser
 
 
