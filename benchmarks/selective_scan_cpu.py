@@ -2,13 +2,16 @@
 
 Inputs are a Mamba block's: softplus(delta + delta_bias), A = -exp(A_log) with S4D-real
 values (-1 .. -N), B and C shared by all channels (G = 1), the D skip, the silu(z) gate and
-the final state. Every measurement runs in a fresh subprocess, which allocates its inputs,
-records its peak RSS (ru_maxrss) as the baseline, then runs: the memory columns are the growth
-of the peak above that baseline, under the default allocator and again (in another fresh
-process, one run) with glibc's mmap threshold pinned at 64 KiB, so that every buffer of 64 KiB
-or more is its own mapping, returned on free: what the algorithm holds at its peak. Forward
-rows run under torch.inference_mode(); "chunk fwd+bwd" backpropagates through the chunked
-path (the CPU training path). Writes benchmarks/results/selective_scan-cpu.md.
+the final state. The forward times of the chunked path and of the recurrence come from one
+fresh process that alternates between them, so that a noisy machine slows both alike and
+their ratio holds. Memory is measured in further fresh processes, one per implementation,
+which allocate their inputs, record their peak RSS (ru_maxrss) as the baseline, then run: the
+memory columns are the growth of the peak above that baseline, under the default allocator
+and again (in another fresh process, one run) with glibc's mmap threshold pinned at 64 KiB,
+so that every buffer of 64 KiB or more is its own mapping, returned on free: what the
+algorithm holds at its peak. Forward rows run under torch.inference_mode(); "chunk fwd+bwd"
+backpropagates through the chunked path (the CPU training path), timed in its own process.
+Writes benchmarks/results/selective_scan-cpu.md.
 
     python benchmarks/selective_scan_cpu.py [--dim 512] [--state 16] [--lengths 4096]
 """
@@ -18,14 +21,18 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import os
 import platform
+import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 from common import measure_in_subprocesses, peak_rss_mib, write_result
 
 IMPLS = ("chunk", "recurrent", "chunk fwd+bwd")
+FORWARD_PAIR = "forward pair"  # the worker that times "chunk" and "recurrent" side by side
 
 
 def _worker(impl: str, T: int, args: argparse.Namespace) -> dict:
@@ -58,10 +65,9 @@ def _worker(impl: str, T: int, args: argparse.Namespace) -> dict:
             "delta_bias": torch.expm1(dt_init.exp()).log(),
         }
 
-    form = selective_scan_recurrent_ref if impl == "recurrent" else selective_scan_chunk_ref
-
-    def run(tensors: dict) -> None:
-        if impl == "chunk fwd+bwd":
+    def run(name: str, tensors: dict) -> None:
+        form = selective_scan_recurrent_ref if name == "recurrent" else selective_scan_chunk_ref
+        if name == "chunk fwd+bwd":
             leaves = {k: t.requires_grad_() for k, t in tensors.items()}
             y, state = form(**leaves, delta_softplus=True, output_final_state=True)
             (y.sum() + state.sum()).backward()
@@ -71,23 +77,38 @@ def _worker(impl: str, T: int, args: argparse.Namespace) -> dict:
             with torch.inference_mode():
                 form(**tensors, delta_softplus=True, output_final_state=True)
 
-    run(inputs(64))  # thread pools and kernels start here, not inside the measurement
-    tensors = inputs(T)
-    baseline = peak_rss_mib()
-    times = []
-    for _ in range(args.repeats):
+    def timed(name: str, tensors: dict) -> float:
         start = time.perf_counter()
-        run(tensors)
-        times.append((time.perf_counter() - start) * 1e3)
+        run(name, tensors)
+        return (time.perf_counter() - start) * 1e3
+
     defaults = inspect.signature(selective_scan_chunk_ref).parameters
-    return {
-        "ms": sorted(times)[len(times) // 2],
+    row = {
         "chunk_size": defaults["chunk_size"].default,
         "block_size": defaults["block_size"].default,
-        "peak_mib": peak_rss_mib() - baseline,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
     }
+    names = ("chunk", "recurrent") if impl == FORWARD_PAIR else (impl,)
+    for name in names:
+        run(name, inputs(64))  # thread pools and kernels start here, not inside the measurement
+    tensors = inputs(T)
+    if impl == FORWARD_PAIR:
+        # A recurrent call after every `every` chunk calls, interleaved to the end.
+        every = max(1, args.repeats // args.recurrent_repeats)
+        times = {"chunk": [], "recurrent": []}
+        for i in range(args.repeats):
+            times["chunk"].append(timed("chunk", tensors))
+            if i % every == every - 1 and len(times["recurrent"]) < args.recurrent_repeats:
+                times["recurrent"].append(timed("recurrent", tensors))
+        return {**row, **{f"{name}_ms": _median(ts) for name, ts in times.items()}}
+    baseline = peak_rss_mib()
+    times = [timed(impl, tensors) for _ in range(args.repeats)]
+    return {**row, "ms": _median(times), "peak_mib": peak_rss_mib() - baseline}
+
+
+def _median(times: list[float]) -> float:
+    return sorted(times)[len(times) // 2]
 
 
 def _command(impl: str, T: int, args: argparse.Namespace, repeats: int) -> list[str]:
@@ -106,13 +127,26 @@ def _command(impl: str, T: int, args: argparse.Namespace, repeats: int) -> list[
         str(args.state),
         "--repeats",
         str(repeats),
+        "--recurrent-repeats",
+        str(args.recurrent_repeats),
     ]
 
 
-def _measure(impl: str, T: int, args: argparse.Namespace) -> dict:
-    repeats = args.recurrent_repeats if impl == "recurrent" else args.repeats
-    row = measure_in_subprocesses(lambda count: _command(impl, T, args, count), repeats)
-    return {"T": T, "impl": impl, **row}
+def _measure(T: int, args: argparse.Namespace) -> list[dict]:
+    """The rows of one length: forward times from one process, memory from one per impl."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    command = _command(FORWARD_PAIR, T, args, args.repeats)
+    result = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
+    pair = json.loads(result.stdout)
+    rows = []
+    for impl in IMPLS:
+        # Forward rows only need the memory here: one call each.
+        repeats = args.repeats if impl == "chunk fwd+bwd" else 1
+        row = measure_in_subprocesses(partial(_command, impl, T, args), repeats)
+        if impl != "chunk fwd+bwd":
+            row["ms"] = pair[f"{impl}_ms"]
+        rows.append({"T": T, "impl": impl, **row})
+    return rows
 
 
 def write_table(rows: list[dict], args: argparse.Namespace, command: str) -> Path:
@@ -122,7 +156,8 @@ def write_table(rows: list[dict], args: argparse.Namespace, command: str) -> Pat
         "",
         f"B={args.batch}, Dm={args.dim}, N={args.state}, G=1, fp32, with delta_bias + softplus, "
         f"D, z and the final state; median of {args.repeats} runs ({args.recurrent_repeats} "
-        f"for the recurrence); torch {rows[0]['torch']}. 'chunk' is the CPU path "
+        f"for the recurrence, alternating with the chunked calls in the same process); torch "
+        f"{rows[0]['torch']}. 'chunk' is the CPU path "
         f"(`selective_scan_chunk_ref`, chunk_size={rows[0]['chunk_size']}, "
         f"block_size={rows[0]['block_size']}), 'recurrent' the token-by-token oracle "
         "(`selective_scan_recurrent_ref`). Memory: peak RSS growth during the call, measured "
@@ -152,9 +187,9 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--state", type=int, default=16)
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--recurrent-repeats", type=int, default=3)
-    parser.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
+    parser.add_argument("--repeats", type=int, default=21)
+    parser.add_argument("--recurrent-repeats", type=int, default=7)
+    parser.add_argument("--worker", choices=(*IMPLS, FORWARD_PAIR), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(_worker(args.worker, args.lengths[0], args)))
@@ -168,11 +203,10 @@ def main() -> None:
     print(command)
     rows = []
     for T in args.lengths:
-        for impl in IMPLS:
-            row = _measure(impl, T, args)
+        for row in _measure(T, args):
             rows.append(row)
             print(
-                f"T={T:>5} {impl:<14} {row['ms']:9.1f} ms  peak {row['peak_mib']:7.1f} MiB "
+                f"T={T:>5} {row['impl']:<14} {row['ms']:9.1f} ms  peak {row['peak_mib']:7.1f} MiB "
                 f"({row['peak_mmap_mib']:.1f} MiB with a 64 KiB mmap threshold)"
             )
     print(f"wrote {write_table(rows, args, command)}")

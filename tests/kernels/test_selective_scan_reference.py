@@ -117,6 +117,24 @@ def test_chunk_and_block_size_do_not_change_the_result(chunk_size, block_size):
     assert_close("final", final_ref, final, F64)
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+def test_chunk_inference_path_equals_autograd_path(packed):
+    """Without autograd the chunked form reuses one workspace across chunks and scans in place;
+    with it, every step is a new tensor. Both give the same result, call after call."""
+    lengths = [37, 100, 5] if packed else None
+    cu = None if lengths is None else cu_seqlens_from_lengths(lengths)
+    Bsz, T = (1, sum(lengths)) if packed else (2, 100)
+    inputs, flags = make_inputs(Bsz, T, 20, 4, 2, seed=21, num_seqs=None if cu is None else 3)
+    kwargs = {**flags, "output_final_state": True, "cu_seqlens": cu, "chunk_size": 32}
+    y_grad, final_grad = selective_scan_chunk_ref(**leaves_of(inputs), **kwargs, block_size=8)
+    assert y_grad.requires_grad
+    with torch.inference_mode():
+        for _ in range(2):
+            y, final = selective_scan_chunk_ref(**inputs, **kwargs, block_size=8)
+            assert_close("y", y_grad.detach(), y, F64)
+            assert_close("final", final_grad.detach(), final, F64)
+
+
 def test_math_matches_an_explicit_loop():
     """Both forms against the recurrence written out scalar by scalar."""
     Bsz, T, Dm, N, G = 2, 6, 4, 3, 2

@@ -133,6 +133,30 @@ def selective_scan_recurrent_ref(
 # --------------------------------------------------------------------------------------
 
 
+def _step_pairs(
+    dt: torch.Tensor,
+    x: torch.Tensor,
+    B: torch.Tensor,
+    A: torch.Tensor,
+    workspace: tuple[torch.Tensor, torch.Tensor] | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pairs of every step, a = 2^(dt A) and bx = B x, `[b, S, c, G, N, P]`, one op each
+    (their backward too): dt, x `[b, S, c, G, P]`, B `[b, S, c, G, N]`, A `[G, N, P]`.
+
+    With a workspace (no autograd) they are written into its two flat buffers: a fresh
+    chunk-sized tensor per chunk is a large allocation that the allocator may hand back to
+    the system and fault in again, page by page, for the next chunk.
+    """
+    if workspace is None:
+        # exp2_ in place on the fresh product: mul's backward needs only its inputs.
+        return (dt[..., None, :] * A).exp2_(), B[..., None] * x[..., None, :]
+    shape = (*dt.shape[:-1], A.shape[1], dt.shape[-1])
+    a, bx = (w[: math.prod(shape)].view(shape) for w in workspace)
+    torch.mul(dt[..., None, :], A, out=a).exp2_()
+    torch.mul(B[..., None], x[..., None, :], out=bx)
+    return a, bx
+
+
 def _scan_chunk(
     dt: torch.Tensor,
     x: torch.Tensor,
@@ -141,16 +165,21 @@ def _scan_chunk(
     A: torch.Tensor,
     h: torch.Tensor,
     block_size: int,
+    workspace: tuple[torch.Tensor, torch.Tensor] | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One chunk of b sequences: dt, x = dt u `[b, L, G, P]`; B, C `[b, L, G, N]`;
-    A `[G, N, P]` in log2 units (A log2(e)); h `[b, G, N, P]` the states entering the chunk.
+    A `[G, N, P]` in log2 units (A log2(e)); h `[b, G, N, P]` the states entering the chunk;
+    workspace None (autograd) or two flat buffers of at least b L G N P floats (block-padded L).
 
-    The chunk is S blocks of c tokens, scanned side by side: every op works on step j of all
-    S blocks at once, so a chunk costs 2c + S small-tensor steps instead of L. Pass 1 scans
-    each block from a zero state, pass 2 carries the states from block to block with each
-    block's total decay, pass 3 scans each block again from its true entering state and reads
-    out y. States are state-major, `[N, P]` per group: channels are the contiguous axis, so
-    every op runs over P-wide rows and `y = C h` is a `[1, N] @ [N, P]` product.
+    The chunk is S blocks of c tokens, scanned side by side: every step op works on step j of
+    all S blocks at once, so a chunk costs 2c + S step ops instead of L. Pass 1 scans each block
+    from a zero state, pass 2 carries the states from block to block with each block's total
+    decay, pass 3 scans each block again from its true entering state, keeping every state, and
+    one batched matmul reads out y_j = C_j h_j for the whole chunk. States are state-major,
+    `[N, P]` per group: channels are the contiguous axis, so every op runs over P-wide rows and
+    the readout is a `[1, N] @ [N, P]` product per token. Tensors stay in time order
+    `[b, S, c, ...]`: step j of all blocks is S runs of G N P contiguous floats, as fast to
+    work on as one, and no input or output needs a transposed copy.
     Returns the scan output sum_n C h `[b, L, G, P]` and the states leaving the chunk.
     """
     b, L, G, P = dt.shape
@@ -160,26 +189,22 @@ def _scan_chunk(
     if pad:
         # dt = 0 and x = 0 is the identity step (decay 1, no input): padding leaves h as it was.
         dt, x, B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (dt, x, B, C))
-    # Step-major [c, b, S, G, ...]: step j of all S blocks is one contiguous slice.
-    dt, x = (t.view(b, S, c, G, P).permute(2, 0, 1, 3, 4).contiguous() for t in (dt, x))
-    B, C = (t.view(b, S, c, G, -1).permute(2, 0, 1, 3, 4).contiguous() for t in (B, C))
+    dt, x = dt.view(b, S, c, G, P), x.view(b, S, c, G, P)
+    B, C = B.view(b, S, c, G, -1), C.view(b, S, c, G, -1)
+    a, bx = _step_pairs(dt, x, B, A, workspace)
+    # unbind, not [:, :, j]: under autograd its backward is one stack, not c zero-filled grads.
+    a_steps, bx_steps = a.unbind(2), bx.unbind(2)
 
-    # 1. The pairs (a_j, b_j) of every step, [c, b, S, G, N, P], in two ops (their backward
-    # too), and (if there are several blocks) each block's scan from a zero state up to its
-    # last token. unbind, not [j]: its backward is one stack, not c zero-filled gradients.
-    # exp2_ in place on the fresh product: mul's backward needs only its inputs.
-    a = (dt[..., None, :] * A).exp2_().unbind(0)
-    bx = (B[..., None] * x[..., None, :]).unbind(0)
-    h_block = bx[0]
     if S > 1:
-        for a_j, b_j in zip(a[1:], bx[1:], strict=True):
-            h_block = torch.addcmul(b_j, a_j, h_block)
-
-    # 2. States entering each block, passed block to block with the block's log-space
-    # cumulative decay 2^((sum_j dt_j) A) <= 1 for dt >= 0, never a ratio of decays: however
-    # large dt |A| gets, nothing overflows and nothing divides by an underflowed product.
-    if S > 1:
-        total = torch.exp2(dt.sum(0)[..., None, :] * A)  # [b, S, G, N, P]
+        # 1. Each block from a zero state up to its last token (without autograd, in one
+        # buffer: a fresh tensor per step costs more than the step).
+        h_block, out = bx_steps[0], None if workspace is None else torch.empty_like(bx_steps[0])
+        for a_j, b_j in zip(a_steps[1:], bx_steps[1:], strict=True):
+            h_block = torch.addcmul(b_j, a_j, h_block, out=out)
+        # 2. States entering each block, passed block to block with the block's log-space
+        # cumulative decay 2^((sum_j dt_j) A) <= 1 for dt >= 0, never a ratio of decays: however
+        # large dt |A| gets, nothing overflows and nothing divides by an underflowed product.
+        total = torch.exp2(dt.sum(2)[..., None, :] * A)  # [b, S, G, N, P]
         entering = []
         for total_s, h_s in zip(total.unbind(1), h_block.unbind(1), strict=True):
             entering.append(h)
@@ -188,14 +213,17 @@ def _scan_chunk(
     else:
         h_run = h[:, None]
 
-    # 3. Every block again from its true entering state, now reading out y_j = C_j h_j.
-    ys = []
-    for a_j, b_j, C_j in zip(a, bx, C.unbind(0), strict=True):
-        h_run = torch.addcmul(b_j, a_j, h_run)
-        ys.append(C_j[..., None, :] @ h_run)  # [b, S, G, 1, P]
+    # 3. Every block again from its true entering state, keeping every state. Without
+    # autograd, state j overwrites bx_j, read for the last time (autograd could not go
+    # through in-place updates of a buffer it saved parts of).
+    hs = []
+    for a_j, b_j in zip(a_steps, bx_steps, strict=True):
+        h_run = torch.addcmul(b_j, a_j, h_run, out=None if workspace is None else b_j)
+        hs.append(h_run)
+    states = torch.stack(hs, dim=2) if workspace is None else bx
     if S == 1:
-        h = h_run[:, 0]
-    y = torch.stack(ys, dim=2)  # [b, S, c, G, 1, P]
+        h = h_run[:, 0].clone()  # a copy: the next chunk overwrites the workspace
+    y = C[..., None, :] @ states  # y_j = C_j h_j for the whole chunk: [b, S, c, G, 1, P]
     return y.view(b, S * c, G, P)[:, :L], h
 
 
@@ -212,9 +240,11 @@ def _chunk(
     delta_bias: torch.Tensor | None,
     delta_softplus: bool,
     block_size: int,
+    workspace: tuple[torch.Tensor, torch.Tensor] | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The whole op on one chunk: u, delta, z `[b, L, Dm]`, B, C `[b, L, G, N]`, `valid`
-    `[b, L, 1]` (False on padding) or None; A `[G, N, P]` in log2 units; h `[b, G, N, P]`.
+    `[b, L, 1]` (False on padding) or None; A `[G, N, P]` in log2 units; h `[b, G, N, P]`;
+    workspace as in `_scan_chunk`.
 
     The per-token ops run here, on chunk-sized tensors that stay in cache, rather than on
     whole-sequence ones. Returns y `[b, L, Dm]` in u's dtype and the states leaving the chunk.
@@ -234,6 +264,7 @@ def _chunk(
         A,
         h,
         block_size,
+        workspace,
     )
     return _skip_and_gate(y.reshape(b, L, Dm), u_, D, z).to(u.dtype), h
 
@@ -372,6 +403,12 @@ def selective_scan_chunk_ref(
         t is not None and t.requires_grad
         for t in (u, delta, A, B, C, D, z, delta_bias, initial_state)
     )
+    workspace = None
+    if not needs_grad and layout.active:
+        # Shared by the chunks: the first is the largest (most sequences, the full length).
+        c = min(block_size, layout.chunk)
+        numel = layout.active[0] * -(-layout.chunk // c) * c * Dm * N
+        workspace = (u.new_empty(numel, dtype=dtype), u.new_empty(numel, dtype=dtype))
     no_z = [None] * len(layout.active)
     pieces = zip(
         layout.active,
@@ -386,7 +423,7 @@ def selective_scan_chunk_ref(
     ys = []
     for active, *chunk_inputs in pieces:
         h_k = h if active == h.shape[0] else h[:active]
-        args = (*chunk_inputs, A2, h_k, D, delta_bias, delta_softplus, block_size)
+        args = (*chunk_inputs, A2, h_k, D, delta_bias, delta_softplus, block_size, workspace)
         if needs_grad:
             y_k, h_k = checkpoint(_chunk, *args, use_reentrant=False)
         else:
