@@ -15,10 +15,15 @@ from memzoo.kernels.linear_attn import (
     prefix_state,
 )
 from memzoo.kernels.memmamba import note_attention, note_attention_step, select_notes
+from memzoo.kernels.mom import group_by_memory, memory_attn, memory_attn_step, route
 from memzoo.kernels.selective_scan import selective_scan, selective_state_update
 from memzoo.kernels.ssd import ssd, ssd_step
 
 __all__ = [
+    "group_by_memory",
+    "memory_attn",
+    "memory_attn_step",
+    "route",
     "BackendUnavailableError",
     "KVCache",
     "SlidingWindowCache",
