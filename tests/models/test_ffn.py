@@ -227,10 +227,11 @@ def test_moe_varlen_restarts_chunks_at_each_sequence():
 def test_moe_never_reads_data_on_the_host(packed):
     """Forward and backward run on meta tensors, which hold no data: routing needs no host sync
     (no .item(), nonzero or tolist), not even to read cu_seqlens."""
-    with torch.device("meta"):
-        layer = ChunkMoE(D_MODEL, chunk_size=4)
-        x = torch.randn(1 if packed else 2, 14, D_MODEL, requires_grad=True)
-        cu = torch.tensor([0, 5, 14], dtype=torch.int32) if packed else None
+    # .to("meta") and explicit devices, not a torch.device("meta") context: an earlier
+    # torch.compile in the same process stops that context from reaching constructors.
+    layer = ChunkMoE(D_MODEL, chunk_size=4).to("meta")
+    x = torch.randn(1 if packed else 2, 14, D_MODEL, device="meta", requires_grad=True)
+    cu = torch.tensor([0, 5, 14], dtype=torch.int32, device="meta") if packed else None
     y = layer(x, cu_seqlens=cu)
     (y.sum() + layer.aux_loss).backward()
     assert y.shape == x.shape and layer.w1.grad.shape == layer.w1.shape

@@ -170,9 +170,10 @@ def test_workspace_token_ignores_the_rest_of_its_chunk():
 def test_never_reads_data_on_the_host(name, options):
     """Forward and backward (and a cached continuation) run on meta tensors, which hold no
     data: no host syncs. Only the workspace's varlen path reads cu_seqlens on the host."""
-    with torch.device("meta"):
-        layer = build_memory(name, D_MODEL, **options)
-        x = torch.randn(2, 14, D_MODEL, requires_grad=True)
+    # .to("meta") and explicit devices, not a torch.device("meta") context: an earlier
+    # torch.compile in the same process stops that context from reaching constructors.
+    layer = build_memory(name, D_MODEL, **options).to("meta")
+    x = torch.randn(2, 14, D_MODEL, device="meta", requires_grad=True)
     layer(x).sum().backward()
     cache = layer.init_cache(2, device="meta", dtype=torch.float32)
     with torch.no_grad():
