@@ -370,9 +370,10 @@ def selective_scan_chunk_ref(
     `[N_seq + 1]`, B == 1) packs sequences along T; it is read on the host.
     Returns y `[B, T, Dm]` and the final state `[N_seq, Dm, N]` (None unless asked).
 
-    Memory: O(T Dm) for inputs and outputs plus O(chunk_size Dm N) for one chunk. With autograd
-    each chunk is checkpointed: the forward keeps only the states entering each chunk, and the
-    backward recomputes one chunk at a time.
+    Memory: O(T Dm) for inputs and outputs plus O(chunk_size Dm N) for one chunk: without
+    autograd, one workspace that every chunk reuses; with it, each chunk is checkpointed: the
+    forward keeps only the states entering each chunk, and the backward recomputes one chunk at
+    a time.
     """
     for name, value in (("chunk_size", chunk_size), ("block_size", block_size)):
         if value < 1:
