@@ -25,7 +25,7 @@ aot: install
 
 test: lint pytest aot
 
-# The quick MQAR sweep: every mixer at two widths, ~10 minutes on 2 CPU cores.
+# The quick MQAR sweep: every mixer at two widths, about 11-13 minutes on a 2-core CPU.
 demo: install
 	$(VENV)/bin/memzoo info
 	$(VENV)/bin/memzoo sweep mqar --preset quick --out runs/sweep-mqar-quick

@@ -1,6 +1,6 @@
 """`memzoo sweep mqar`: the MQAR recall / state-size sweep from the command line.
 
-    memzoo sweep mqar --preset quick                   # CPU, about 10 minutes on 2 idle cores
+    memzoo sweep mqar --preset quick                   # CPU: about 11 minutes on one core
     memzoo sweep mqar --preset paper --device cuda     # resumable: rerun to continue
     memzoo sweep mqar --preset quick --mixers attn based --out runs/my-sweep
 

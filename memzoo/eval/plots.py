@@ -44,7 +44,7 @@ def plot_recall_vs_state(summary: Sequence[dict], path: str | Path, *, title: st
     markers = {w: _MARKERS[i % len(_MARKERS)] for i, w in enumerate(widths)}
 
     fig, axes = plt.subplots(
-        1, len(slices), figsize=(5.5 * len(slices), 4.5), dpi=120, squeeze=False
+        1, len(slices), figsize=(6.5 * len(slices), 4.5), dpi=120, squeeze=False
     )
     for ax, name in zip(axes[0], slices, strict=True):
         entries = [s for s in summary if name in s["accuracy"]]

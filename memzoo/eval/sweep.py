@@ -19,22 +19,23 @@ convolution before the mixer in every block; ffn none, as in zoology's MQAR mode
 | mixer       | +conv | options (quick)                  | options (paper)                  |
 |-------------|-------|----------------------------------|----------------------------------|
 | attn        | yes   | defaults (head dim 64)           | defaults                         |
-| swa         | yes   | window 16 (a quarter of T = 64)  | window 64                        |
+| swa         | yes   | window 8 (a quarter of T = 32)   | window 64                        |
 | linear_attn | yes   | defaults (4 heads, elu, dim 16)  | defaults                         |
 | based       | yes   | 1 head (zoology), feature dim 16 | 1 head                           |
 | short_conv  | no    | defaults (width 3): a baseline   | defaults                         |
 | mamba       | no    | d_state 8 (zoology: 8, 16, 24)   | d_state 16                       |
 | mamba2      | no    | d_state 16                       | d_state 16                       |
-| jrt         | yes   | 1 head, prefix_len 16 = context  | 1 head, prefix_len 32            |
-| mom         | yes   | defaults                         | defaults                         |
-| memmamba    | no    | defaults                         | defaults                         |
+| jrt         | yes   | 1 head, prefix_len 8 = context   | 1 head, prefix_len 32            |
+| mom         | yes   | defaults (4 memories, top 2)     | defaults                         |
+| memmamba    | no    | Mamba d_state 8                  | defaults                         |
 
-- quick (CPU): vocab 64, train T=64 with 8 pairs (6400 examples, 2 epochs of 100 batches of
-  64), test 256 examples of the same slice; widths 64 and 128 (at width 32 even attention
-  did not learn this slice in 500 steps); one learning rate, 2e-3 (5e-3 and 1e-2 left width
-  64 attention at chance in some runs). The recurrent layers are under-trained at this budget
-  (zoology trains for thousands of steps): the quick sweep ranks what learns recall within 200
-  steps as much as what can hold it.
+- quick (CPU): vocab 64, train T=32 with 4 pairs (9600 examples: one epoch of 150 batches of
+  64), test 256 examples of the same slice; widths 64 and 128 (at width 32 even attention did
+  not learn T=64 with 8 pairs in 500 steps); one learning rate, 3e-3 (5e-3 and 1e-2 left
+  width-64 attention at chance in some runs). 150 steps leave the recurrent layers
+  under-trained (zoology trains for thousands): the quick sweep ranks what learns recall fast
+  as much as what can hold it. Its cost is dominated by the CPU paths of mamba, mom and
+  memmamba (see benchmarks/results/mqar_quick_sweep.md).
 - paper (GPU; the BASED paper's figure 2 / zoology setup): vocab 8192; train T=64 kv=4
   (100k), T=128 kv=8, T=256 kv=16, 32, 64 (20k each); test 1000 each of T=64 kv=4, 8, 16,
   T=128 kv=32, T=256 kv=64, T=512 kv=64; batch 256, 32 epochs; widths 64, 128, 256, 512;
@@ -149,27 +150,27 @@ def _conv(**options) -> MixerSetting:
 
 
 def _quick() -> SweepPreset:
-    slice_ = dict(vocab_size=64, seq_len=64, num_kv_pairs=8)
+    slice_ = dict(vocab_size=64, seq_len=32, num_kv_pairs=4)
     task = MQARTask(
-        train=[MQARConfig(**slice_, num_examples=6400)],
+        train=[MQARConfig(**slice_, num_examples=9600)],
         test=[MQARConfig(**slice_, num_examples=256)],
         batch_size=64,
-        epochs=2,
+        epochs=1,
         eval_every=50,
     )
     mixers = {
         "attn": _conv(),
-        "swa": _conv(window=16),
+        "swa": _conv(window=8),
         "linear_attn": _conv(),
         "based": _conv(num_heads=1),
         "short_conv": MixerSetting(),
         "mamba": MixerSetting({"d_state": 8}),
         "mamba2": MixerSetting({"d_state": 16}),
-        "jrt": _conv(num_heads=1, prefix_len=16),
+        "jrt": _conv(num_heads=1, prefix_len=8),
         "mom": _conv(),
-        "memmamba": MixerSetting(),
+        "memmamba": MixerSetting({"ssm_options": {"d_state": 8}}),
     }
-    return SweepPreset("quick", task, widths=(64, 128), lrs=(2e-3,), mixers=mixers)
+    return SweepPreset("quick", task, widths=(64, 128), lrs=(3e-3,), mixers=mixers)
 
 
 def _paper() -> SweepPreset:
@@ -420,9 +421,8 @@ def run_sweep(
                     f"{result.steps} steps  {result.seconds:.0f} s"
                 )
     if rows:
-        title = f"MQAR sweep `{preset.name}`"
-        write_table(rows, out / TABLE_MD, title=title)
-        plot_recall_vs_state(best_per_model(rows), out / PLOT_PNG, title=title)
+        write_table(rows, out / TABLE_MD, title=f"MQAR sweep `{preset.name}`")
+        plot_recall_vs_state(best_per_model(rows), out / PLOT_PNG, title=f"MQAR: {preset.name}")
         log(
             f"sweep {preset.name}: {time.perf_counter() - started:.0f} s; table "
             f"{out / TABLE_MD}, plot {out / PLOT_PNG}"
