@@ -19,7 +19,7 @@ import inspect
 import os
 import pkgutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -36,6 +36,20 @@ class BackendUnavailableError(RuntimeError):
 # --------------------------------------------------------------------------------------
 # What this machine can run
 # --------------------------------------------------------------------------------------
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """`input_precision` for the tl.dot calls of a kernel whose inputs are `dtype`.
+
+    fp32 inputs get exact fp32 products ("ieee") under torch's default
+    `torch.get_float32_matmul_precision() == "highest"`, and TF32 once the user allows it
+    (`torch.set_float32_matmul_precision("high")`), as torch's own fp32 matmuls do. Half
+    precision inputs keep TF32 for their fp32 intermediates (state reads), where it costs
+    nothing that the inputs' own rounding has not already cost.
+    """
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
 
 
 def interpreter_enabled() -> bool:
@@ -57,27 +71,33 @@ def triton_status() -> tuple[bool, str]:
     return True, triton.__version__
 
 
-@functools.cache
-def cuda_extension_status() -> tuple[bool, str]:
-    """(importable, a short description or the reason it is not) for memzoo._C."""
+def _load_cuda_extension() -> tuple[Any, str]:
+    """(memzoo._C or None, a short description or the reason it is absent)."""
     if torch.version.cuda is None:
-        return False, f"torch {torch.__version__} is a CPU build, so the extension is never built"
+        return None, f"torch {torch.__version__} is a CPU build, so the extension is never built"
     try:
-        importlib.import_module("memzoo._C")
+        return importlib.import_module("memzoo._C"), "memzoo._C"
     except ImportError as error:
-        return False, (
+        return None, (
             f"memzoo._C is not built ({error}); "
             "install with `pip install --no-build-isolation -e .` on a CUDA machine"
         )
-    return True, "memzoo._C"
+
+
+# Looked up once, at import: backend resolution runs inside torch.compile'd code, where an
+# import cannot be traced (it would break the graph on every CUDA call).
+_EXTENSION, _EXTENSION_STATUS = _load_cuda_extension()
+_EXTENSION_OPS = frozenset(getattr(_EXTENSION, "OPS", ()))
+
+
+def cuda_extension_status() -> tuple[bool, str]:
+    """(importable, a short description or the reason it is not) for memzoo._C."""
+    return _EXTENSION is not None, _EXTENSION_STATUS
 
 
 def cuda_extension_ops() -> frozenset[str]:
     """Names of the ops the built CUDA extension implements (empty when not built)."""
-    available, _ = cuda_extension_status()
-    if not available:
-        return frozenset()
-    return frozenset(getattr(importlib.import_module("memzoo._C"), "OPS", ()))
+    return _EXTENSION_OPS
 
 
 def resolve_backend(
@@ -327,13 +347,17 @@ def aot_signature(kernel: Any, constexprs: dict[str, Any], types: dict[str, str]
     return {
         name: types.get(name, "*fp32" if name.endswith("_ptr") else "i32")
         for name in parameters
-        if name not in constexprs
+        if name not in constexprs and name != "DOT"
     }
 
 
 def register_aot(spec: AotSpec) -> None:
     if spec.name in _AOT:
         raise ValueError(f"AOT spec {spec.name!r} is registered twice")
+    parameters = inspect.signature(getattr(spec.kernel, "fn", spec.kernel)).parameters
+    if "DOT" in parameters and "DOT" not in spec.constexprs:
+        # The dot precision every tl.dot kernel takes: AOT launches are bf16, so TF32.
+        spec = replace(spec, constexprs={**spec.constexprs, "DOT": dot_precision(torch.bfloat16)})
     _AOT[spec.name] = spec
 
 

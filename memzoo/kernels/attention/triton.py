@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from memzoo.kernels._chunks import ChunkTable, chunk_rows, packed_offsets
-from memzoo.kernels._core import AotSpec, aot_signature, register_aot
+from memzoo.kernels._core import AotSpec, aot_signature, dot_precision, register_aot
 
 LOG2E = math.log2(math.e)
 
@@ -85,6 +85,7 @@ def _fwd_kernel(
     scale, window, H, HKV, D,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    DOT: tl.constexpr,
 ):  # fmt: skip
     i_m, i_h = tl.program_id(0), tl.program_id(1)
     i_hk = i_h // (H // HKV)
@@ -116,7 +117,7 @@ def _fwd_kernel(
             mask=m_k[:, None] & m_d[None, :],
             other=0.0,
         )
-        s = tl.dot(q, tl.trans(k)) * (scale * 1.4426950408889634)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT) * (scale * 1.4426950408889634)
         s = tl.where(
             _allowed(rows_q, rows_k, m_q, m_k, window, CAUSAL, HAS_WINDOW), s, float("-inf")
         )
@@ -126,7 +127,7 @@ def _fwd_kernel(
         p = tl.exp2(s - shift[:, None])
         rescale = tl.exp2(row_max - shift)
         row_sum = row_sum * rescale + tl.sum(p, axis=1)
-        acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT)
         row_max = new_max
     safe_sum = tl.where(row_sum > 0.0, row_sum, 1.0)
     out = acc / safe_sum[:, None]
@@ -145,6 +146,7 @@ def _bwd_dq_kernel(
     scale, window, H, HKV, D,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    DOT: tl.constexpr,
 ):  # fmt: skip
     i_m, i_h = tl.program_id(0), tl.program_id(1)
     i_hk = i_h // (H // HKV)
@@ -167,11 +169,11 @@ def _bwd_dq_kernel(
         m_kd = m_k[:, None] & (o_d < D)[None, :]
         k = tl.load(k_ptr + (rows_k[:, None] * HKV + i_hk) * D + o_d[None, :], mask=m_kd, other=0.0)
         v = tl.load(v_ptr + (rows_k[:, None] * HKV + i_hk) * D + o_d[None, :], mask=m_kd, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * (scale * 1.4426950408889634)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT) * (scale * 1.4426950408889634)
         allowed = _allowed(rows_q, rows_k, m_q, m_k, window, CAUSAL, HAS_WINDOW)
         p = tl.where(allowed, tl.exp2(s - lse[:, None]), 0.0)
-        ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)
+        ds = p * (tl.dot(do, tl.trans(v), input_precision=DOT) - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT)
     tl.store(dq_ptr + offsets, (dq * scale).to(dq_ptr.dtype.element_ty), mask=m_qd)
 
 
@@ -184,6 +186,7 @@ def _bwd_dkv_kernel(
     scale, window, H, HKV, D,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    DOT: tl.constexpr,
 ):  # fmt: skip
     i_n, i_hk = tl.program_id(0), tl.program_id(1)
     rows_k, m_k, valid, bos, eos = chunk_rows(cu_ptr, chunk_seq_ptr, chunk_idx_ptr, i_n, BN)
@@ -210,12 +213,13 @@ def _bwd_dkv_kernel(
             do = tl.load(do_ptr + offsets, mask=m_qd, other=0.0)
             lse = tl.load(lse_ptr + rows_q * H + i_h, mask=m_q, other=0.0)
             delta = tl.load(delta_ptr + rows_q * H + i_h, mask=m_q, other=0.0)
-            s_t = tl.dot(k, tl.trans(q)) * (scale * 1.4426950408889634)  # [BN, BM]
+            # scores transposed, keys x queries: [BN, BM]
+            s_t = tl.dot(k, tl.trans(q), input_precision=DOT) * (scale * 1.4426950408889634)
             allowed_t = tl.trans(_allowed(rows_q, rows_k, m_q, m_k, window, CAUSAL, HAS_WINDOW))
             p_t = tl.where(allowed_t, tl.exp2(s_t - lse[None, :]), 0.0)
-            dv += tl.dot(p_t.to(do.dtype), do)
-            ds_t = p_t * (tl.dot(v, tl.trans(do)) - delta[None, :])
-            dk += tl.dot(ds_t.to(q.dtype), q)
+            dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT)
+            ds_t = p_t * (tl.dot(v, tl.trans(do), input_precision=DOT) - delta[None, :])
+            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT)
     tl.store(dk_ptr + kv_offsets, (dk * scale).to(dk_ptr.dtype.element_ty), mask=m_kd)
     tl.store(dv_ptr + kv_offsets, dv.to(dv_ptr.dtype.element_ty), mask=m_kd)
 
@@ -238,6 +242,7 @@ class FlashAttentionFunction(torch.autograd.Function):
             q, k, v, o, lse, cu, queries.seq, queries.idx,
             scale, window or 0, H, k.shape[1], D,
             BM=BM, BN=BN, BD=BD, **_flags(causal, window), num_warps=num_warps,
+            DOT=dot_precision(q.dtype),
         )  # fmt: skip
         ctx.save_for_backward(q, k, v, o, lse, cu)
         ctx.fixed_length, ctx.scale, ctx.causal, ctx.window = fixed_length, scale, causal, window
@@ -257,11 +262,13 @@ class FlashAttentionFunction(torch.autograd.Function):
         _bwd_dq_kernel[(queries.bound, H)](
             q, k, v, do, lse, delta, dq, cu, queries.seq, queries.idx,
             ctx.scale, window, H, HKV, D, BM=BM, BN=BN, BD=BD, **flags, num_warps=num_warps,
+            DOT=dot_precision(q.dtype),
         )  # fmt: skip
         keys = ChunkTable(cu, R, ctx.fixed_length, BN)
         _bwd_dkv_kernel[(keys.bound, HKV)](
             q, k, v, do, lse, delta, dk, dv, cu, keys.seq, keys.idx,
             ctx.scale, window, H, HKV, D, BM=BM, BN=BN, BD=BD, **flags, num_warps=num_warps,
+            DOT=dot_precision(q.dtype),
         )  # fmt: skip
         return dq, dk, dv, None, None, None, None, None
 

@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from memzoo.kernels._chunks import ChunkTable, chunk_rows, packed_offsets
-from memzoo.kernels._core import AotSpec, aot_signature, register_aot
+from memzoo.kernels._core import AotSpec, aot_signature, dot_precision, register_aot
 from memzoo.kernels.linear_attn.based import FEATURE_DIM, NUM_FEATURES
 from memzoo.kernels.linear_attn.triton import AOT_TYPES, CHUNK, _block
 
@@ -79,17 +79,24 @@ def _taylor_block(x, w, FB: tl.constexpr, TRANSPOSED: tl.constexpr):
 
 
 @triton.jit
-def _taylor_block_grad(g, x, w, i_b, D: tl.constexpr, FB: tl.constexpr):
+def _taylor_block_grad(g, x, w, i_b, D: tl.constexpr, FB: tl.constexpr, DOT: tl.constexpr):
     """[BT, D] gradient of the raw x from G = dL/dphi [BT, FB] of feature block i_b:
-    sum_m w_m G[m, n] (through x_j) plus sum_j x_j G[n + 1, j] / sqrt(2 d) (through w)."""
-    g3 = tl.reshape(g, [g.shape[0], FB // D, D])
-    through_x = tl.sum(g3 * w[:, :, None], axis=1)
-    through_w = tl.sum(g3 * x[:, None, :], axis=2)  # [BT, FB // D]: one per sub-block m
-    m = i_b * (FB // D) + tl.arange(0, FB // D)
-    to_column = ((m - 1)[:, None] == tl.arange(0, D)[None, :]).to(tl.float32)  # m -> n = m - 1
-    return through_x + (2 * D) ** -0.5 * tl.sum(
-        through_w[:, :, None] * to_column[None, :, :], axis=1
-    )
+    sum_m w_m G[:, m D + j] (through x_j) plus sum_j x_j G[:, m D + j] / sqrt(2 d) into column
+    m - 1 (through w_m = x_(m-1) / sqrt(2 d)).
+
+    Both sums are products with 0/1 matrices [FB, D], so G, a tl.dot result, is never
+    reshaped: reshaping it to [BT, FB // D, D] and reducing gave wrong gradients on an H200
+    (Triton 3.6) while the interpreter agreed with the reference.
+    """
+    w_wide = _taylor_block(tl.full(x.shape, 1.0, tl.float32), w, FB, False)  # w[:, m] at m D + j
+    x_wide = _taylor_block(x, tl.full(w.shape, 1.0, tl.float32), FB, False)  # x[:, j] at m D + j
+    column = tl.arange(0, FB)
+    out = tl.arange(0, D)[None, :]
+    to_j = ((column % D)[:, None] == out).to(tl.float32)
+    to_m = ((i_b * (FB // D) + column // D - 1)[:, None] == out).to(tl.float32)
+    through_x = tl.dot(g * w_wide, to_j, input_precision=DOT)
+    through_w = tl.dot(g * x_wide, to_m, input_precision=DOT)
+    return through_x + (2 * D) ** -0.5 * through_w
 
 
 # One program: one feature block (plus row 0 in block 0) of one (sequence, head) state and a
@@ -101,6 +108,7 @@ def _fwd_states_kernel(
     H, V,
     D: tl.constexpr, F: tl.constexpr, FB: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
     HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr,
+    DOT: tl.constexpr,
 ):  # fmt: skip
     i_bv, i_nh = tl.program_id(0), tl.program_id(1)
     NV = tl.cdiv(V, BV)
@@ -150,7 +158,7 @@ def _fwd_states_kernel(
             mask=m_t[:, None] & m_v[None, :],
             other=0.0,
         )
-        state += tl.dot(phi_t.to(v.dtype), v)
+        state += tl.dot(phi_t.to(v.dtype), v, input_precision=DOT)
         z += tl.sum(phi_t, axis=1)
         if i_b == 0:
             state0 += tl.sum(v.to(tl.float32), axis=0)
@@ -170,6 +178,7 @@ def _fwd_output_kernel(
     q_ptr, k_ptr, v_ptr, h_ptr, hz_ptr, o_ptr, den_ptr, cu_ptr, chunk_seq_ptr, chunk_idx_ptr,
     eps, H, V,
     D: tl.constexpr, F: tl.constexpr, FB: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
+    DOT: tl.constexpr,
 ):  # fmt: skip
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows, m_t, valid, _, _ = chunk_rows(cu_ptr, chunk_seq_ptr, chunk_idx_ptr, i_c, BT)
@@ -186,10 +195,10 @@ def _fwd_output_kernel(
     )
     v = tl.load(v_ptr + (rows[:, None] * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.0)
     qf = q.to(tl.float32)
-    s = tl.dot(q, k_t) * D**-0.5
+    s = tl.dot(q, k_t, input_precision=DOT) * D**-0.5
     causal = tl.arange(0, BT)[:, None] >= tl.arange(0, BT)[None, :]
     attn = tl.where(causal, 1.0 + s + 0.5 * s * s, 0.0)
-    num = tl.dot(attn.to(v.dtype), v)
+    num = tl.dot(attn.to(v.dtype), v, input_precision=DOT)
     den = tl.sum(attn, axis=1)
 
     num += tl.load(h_ptr + h_base + o_v, mask=m_v & valid, other=0.0)[None, :]
@@ -206,7 +215,7 @@ def _fwd_output_kernel(
             other=0.0,
         )
         z = tl.load(hz_ptr + chunk_base * F + r_b, mask=m_r, other=0.0)
-        num += tl.dot(phi.to(q.dtype), state.to(q.dtype))
+        num += tl.dot(phi.to(q.dtype), state.to(q.dtype), input_precision=DOT)
         den += tl.sum(phi * z[None, :], axis=1)
     out = num / (den + eps)[:, None]
     tl.store(
@@ -237,6 +246,7 @@ def _bwd_states_kernel(
     eps, H, V,
     D: tl.constexpr, F: tl.constexpr, FB: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
     HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
+    DOT: tl.constexpr,
 ):  # fmt: skip
     i_bv, i_nh = tl.program_id(0), tl.program_id(1)
     NV = tl.cdiv(V, BV)
@@ -285,7 +295,7 @@ def _bwd_states_kernel(
             mask=m_t[:, None] & m_v[None, :],
             other=0.0,
         )
-        dstate += tl.dot((phi_t * r[None, :]).to(do.dtype), do)
+        dstate += tl.dot((phi_t * r[None, :]).to(do.dtype), do, input_precision=DOT)
         dz += tl.sum(phi_t * dden[None, :], axis=1)
         if i_b == 0:
             dstate0 += tl.sum(do.to(tl.float32) * r[:, None], axis=0)
@@ -308,6 +318,7 @@ def _bwd_dqk_kernel(
     dq_ptr, dk_ptr, cu_ptr, chunk_seq_ptr, chunk_idx_ptr,
     eps, H, V,
     D: tl.constexpr, F: tl.constexpr, FB: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
+    DOT: tl.constexpr,
 ):  # fmt: skip
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     rows, m_t, valid, _, _ = chunk_rows(cu_ptr, chunk_seq_ptr, chunk_idx_ptr, i_c, BT)
@@ -323,16 +334,16 @@ def _bwd_dqk_kernel(
         m_tv = m_t[:, None] & (o_v < V)[None, :]
         do = tl.load(do_ptr + (rows[:, None] * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.0)
         v = tl.load(v_ptr + (rows[:, None] * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.0)
-        dattn += tl.dot(do, tl.trans(v))
+        dattn += tl.dot(do, tl.trans(v), input_precision=DOT)
     offsets = (rows[:, None] * H + i_h) * D + o_d[None, :]
     q = tl.load(q_ptr + offsets, mask=m_t[:, None], other=0.0)
     k = tl.load(k_ptr + offsets, mask=m_t[:, None], other=0.0)
-    s = tl.dot(q, tl.trans(k)) * D**-0.5
+    s = tl.dot(q, tl.trans(k), input_precision=DOT) * D**-0.5
     causal = tl.arange(0, BT)[:, None] >= tl.arange(0, BT)[None, :]
     dattn = tl.where(causal, dattn * r[:, None] + dden[:, None], 0.0)
     ds = (dattn * (1.0 + s) * D**-0.5).to(q.dtype)
-    dq = tl.dot(ds, k)
-    dk = tl.dot(tl.trans(ds), q)
+    dq = tl.dot(ds, k, input_precision=DOT)
+    dk = tl.dot(tl.trans(ds), q, input_precision=DOT)
     qf, kf = q.to(tl.float32), k.to(tl.float32)
 
     # Inter-chunk: dphi(q) = r dO S_c^T + dden z_c, dphi(k) = V dS_c+1^T + dz_c+1.
@@ -353,11 +364,11 @@ def _bwd_dqk_kernel(
                 mask=(o_v < V)[:, None] & m_r[None, :],
                 other=0.0,
             )  # [BV, FB]
-            g += tl.dot(do, state_t.to(do.dtype))
+            g += tl.dot(do, state_t.to(do.dtype), input_precision=DOT)
         z = tl.load(hz_ptr + chunk_base * F + r_b, mask=m_r, other=0.0)
         g = g * r[:, None] + dden[:, None] * z[None, :]
         w = _taylor_weights(q_ptr, rows, m_t, H, i_h, i_b, D, FB, False)
-        dq += _taylor_block_grad(g, qf, w, i_b, D, FB)
+        dq += _taylor_block_grad(g, qf, w, i_b, D, FB, DOT)
 
         g = tl.zeros([BT, FB], dtype=tl.float32)
         for i_v in range(0, tl.cdiv(V, BV)):
@@ -372,10 +383,10 @@ def _bwd_dqk_kernel(
                 mask=(o_v < V)[:, None] & m_r[None, :],
                 other=0.0,
             )
-            g += tl.dot(v, dstate_t.to(v.dtype))
+            g += tl.dot(v, dstate_t.to(v.dtype), input_precision=DOT)
         g += tl.load(dhz_ptr + chunk_base * F + r_b, mask=m_r, other=0.0)[None, :]
         w = _taylor_weights(k_ptr, rows, m_t, H, i_h, i_b, D, FB, False)
-        dk += _taylor_block_grad(g, kf, w, i_b, D, FB)
+        dk += _taylor_block_grad(g, kf, w, i_b, D, FB, DOT)
     tl.store(dq_ptr + offsets, dq.to(dq_ptr.dtype.element_ty), mask=m_t[:, None])
     tl.store(dk_ptr + offsets, dk.to(dk_ptr.dtype.element_ty), mask=m_t[:, None])
 
@@ -387,6 +398,7 @@ def _bwd_dv_kernel(
     q_ptr, k_ptr, do_ptr, den_ptr, dh_ptr, dv_ptr, cu_ptr, chunk_seq_ptr, chunk_idx_ptr,
     eps, H, V,
     D: tl.constexpr, F: tl.constexpr, FB: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
+    DOT: tl.constexpr,
 ):  # fmt: skip
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows, m_t, valid, _, _ = chunk_rows(cu_ptr, chunk_seq_ptr, chunk_idx_ptr, i_c, BT)
@@ -402,11 +414,11 @@ def _bwd_dv_kernel(
     )
     kf = k.to(tl.float32)
     r = 1.0 / (tl.load(den_ptr + rows * H + i_h, mask=m_t, other=1.0) + eps)
-    s_t = tl.dot(k, q_t) * D**-0.5  # [s, t] = k_s . q_t / sqrt(d)
+    s_t = tl.dot(k, q_t, input_precision=DOT) * D**-0.5  # [s, t] = k_s . q_t / sqrt(d)
     anti_causal = tl.arange(0, BT)[:, None] <= tl.arange(0, BT)[None, :]
     attn_t = tl.where(anti_causal, (1.0 + s_t + 0.5 * s_t * s_t) * r[None, :], 0.0)
     do = tl.load(do_ptr + (rows[:, None] * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.0)
-    dv = tl.dot(attn_t.to(do.dtype), do)
+    dv = tl.dot(attn_t.to(do.dtype), do, input_precision=DOT)
 
     dv += tl.load(dh_ptr + h_base + o_v, mask=m_v & valid, other=0.0)[None, :]
     for i_b in range(0, tl.cdiv(F - 1, FB)):
@@ -420,7 +432,7 @@ def _bwd_dv_kernel(
             mask=m_r[:, None] & m_v[None, :],
             other=0.0,
         )
-        dv += tl.dot(phi.to(k.dtype), dstate.to(k.dtype))
+        dv += tl.dot(phi.to(k.dtype), dstate.to(k.dtype), input_precision=DOT)
     tl.store(
         dv_ptr + (rows[:, None] * H + i_h) * V + o_v[None, :],
         dv.to(dv_ptr.dtype.element_ty),
@@ -482,6 +494,7 @@ def _states(k, v, s0, z0, chunks, output_final):
         k, v, k if s0 is None else s0, k if z0 is None else z0, h, hz, st, zt,
         chunks.cu, chunks.first, H, V, **blocks,
         HAS_H0=s0 is not None, STORE_FINAL=output_final, num_warps=launch.num_warps,
+        DOT=dot_precision(k.dtype),
     )  # fmt: skip
     return h, hz, (st if output_final else None), (zt if output_final else None)
 
@@ -504,6 +517,7 @@ class BasedAttnFunction(torch.autograd.Function):
         _fwd_output_kernel[(triton.cdiv(V, blocks["BV"]), chunks.bound, H)](
             q, k, v, h, hz, o, den, chunks.cu, chunks.seq, chunks.idx,
             eps, H, V, **blocks, num_warps=launch.num_warps,
+            DOT=dot_precision(q.dtype),
         )  # fmt: skip
         ctx.save_for_backward(q, k, v, s0, z0, cu, o, den)
         ctx.fixed_length, ctx.eps = fixed_length, eps
@@ -537,18 +551,21 @@ class BasedAttnFunction(torch.autograd.Function):
             q, do, den, delta, dh if dst is None else dst, dhz if dzt is None else dzt,
             dh, dhz, ds0, dz0, cu, chunks.first, eps, H, V, **blocks,
             HAS_DHT=has_dht, STORE_DH0=want_dh0, num_warps=launch.num_warps,
+            DOT=dot_precision(q.dtype),
         )  # fmt: skip
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         launch = _LAUNCH["bwd_dqk"]
         _bwd_dqk_kernel[(chunks.bound, H)](
             q, k, v, h, hz, do, den, delta, dh, dhz, dq, dk, cu, chunks.seq, chunks.idx,
             eps, H, V, **launch.blocks(V), num_warps=launch.num_warps,
+            DOT=dot_precision(q.dtype),
         )  # fmt: skip
         launch = _LAUNCH["bwd_dv"]
         blocks = launch.blocks(V)
         _bwd_dv_kernel[(triton.cdiv(V, blocks["BV"]), chunks.bound, H)](
             q, k, do, den, dh, dv, cu, chunks.seq, chunks.idx, eps, H, V, **blocks,
             num_warps=launch.num_warps,
+            DOT=dot_precision(q.dtype),
         )  # fmt: skip
         if not want_dh0:
             ds0 = dz0 = None

@@ -21,11 +21,12 @@ ones: its state is z and its output s q z.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from memzoo.kernels._chunks import ChunkTable, chunk_rows, packed_offsets
-from memzoo.kernels._core import AotSpec, aot_signature, register_aot
+from memzoo.kernels._core import AotSpec, aot_signature, dot_precision, register_aot
 
 CHUNK = 64
 
@@ -57,6 +58,7 @@ def _fwd_states_kernel(
     H, K, V,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_G: tl.constexpr, HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr,
+    DOT: tl.constexpr,
 ):  # fmt: skip
     i_kv, i_nh = tl.program_id(0), tl.program_id(1)
     NV = tl.cdiv(V, BV)
@@ -91,7 +93,7 @@ def _fwd_states_kernel(
         if HAS_G:
             k_t = (k_t * tl.exp(b_last - b)[None, :]).to(v.dtype)
             state *= tl.exp(b_last)
-        state += tl.dot(k_t, v)
+        state += tl.dot(k_t, v, input_precision=DOT)
     if STORE_FINAL:
         tl.store(ht_ptr + (i_n * H + i_h) * K * V + block, state, mask=m_kv)
 
@@ -102,6 +104,7 @@ def _fwd_output_kernel(
     q_ptr, k_ptr, v_ptr, g_ptr, h_ptr, o_ptr, cu_ptr, chunk_seq_ptr, chunk_idx_ptr,
     scale, H, K, V,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr,
+    DOT: tl.constexpr,
 ):  # fmt: skip
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows, m_t, valid, _, _ = chunk_rows(cu_ptr, chunk_seq_ptr, chunk_idx_ptr, i_c, BT)
@@ -129,8 +132,8 @@ def _fwd_output_kernel(
             mask=m_k[:, None] & m_v[None, :] & valid,
             other=0.0,
         )
-        out += tl.dot(q, h.to(q.dtype))
-        scores += tl.dot(q, k_t)
+        out += tl.dot(q, h.to(q.dtype), input_precision=DOT)
+        scores += tl.dot(q, k_t, input_precision=DOT)
     b, _ = _chunk_decay(g_ptr, rows, m_t, H, i_h, HAS_G)
     causal = tl.arange(0, BT)[:, None] >= tl.arange(0, BT)[None, :]
     if HAS_G:
@@ -143,7 +146,7 @@ def _fwd_output_kernel(
         mask=m_t[:, None] & m_v[None, :],
         other=0.0,
     )
-    out = (out + tl.dot(scores.to(v.dtype), v)) * scale
+    out = (out + tl.dot(scores.to(v.dtype), v, input_precision=DOT)) * scale
     tl.store(
         o_ptr + (rows[:, None] * H + i_h) * V + o_v[None, :],
         out.to(o_ptr.dtype.element_ty),
@@ -159,6 +162,7 @@ def _bwd_states_kernel(
     scale, H, K, V,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_G: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
+    DOT: tl.constexpr,
 ):  # fmt: skip
     i_kv, i_nh = tl.program_id(0), tl.program_id(1)
     NV = tl.cdiv(V, BV)
@@ -195,7 +199,7 @@ def _bwd_states_kernel(
         if HAS_G:
             q_t *= tl.exp(b)[None, :]
             dstate *= tl.exp(b_last)
-        dstate += tl.dot((q_t * scale).to(do.dtype), do)
+        dstate += tl.dot((q_t * scale).to(do.dtype), do, input_precision=DOT)
     if STORE_DH0:
         tl.store(dh0_ptr + (i_n * H + i_h) * K * V + block, dstate, mask=m_kv)
 
@@ -208,6 +212,7 @@ def _bwd_dqk_kernel(
     cu_ptr, chunk_seq_ptr, chunk_idx_ptr,
     scale, R, H, K, V,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr,
+    DOT: tl.constexpr,
 ):  # fmt: skip
     i_k, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows, m_t, valid, _, _ = chunk_rows(cu_ptr, chunk_seq_ptr, chunk_idx_ptr, i_c, BT)
@@ -227,9 +232,9 @@ def _bwd_dqk_kernel(
         v = tl.load(v_ptr + (rows[:, None] * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.0)
         h_t = tl.load(h_ptr + h_base + o_k[None, :] * V + o_v[:, None], mask=m_vk, other=0.0)
         dh_t = tl.load(dh_ptr + h_base + o_k[None, :] * V + o_v[:, None], mask=m_vk, other=0.0)
-        dq += tl.dot(do, h_t.to(do.dtype))
-        dk += tl.dot(v, dh_t.to(v.dtype))
-        dscores += tl.dot(do, tl.trans(v))
+        dq += tl.dot(do, h_t.to(do.dtype), input_precision=DOT)
+        dk += tl.dot(v, dh_t.to(v.dtype), input_precision=DOT)
+        dscores += tl.dot(do, tl.trans(v), input_precision=DOT)
     b, b_last = _chunk_decay(g_ptr, rows, m_t, H, i_h, HAS_G)
     causal = tl.arange(0, BT)[:, None] >= tl.arange(0, BT)[None, :]
     if HAS_G:
@@ -241,8 +246,8 @@ def _bwd_dqk_kernel(
     q = tl.load(q_ptr + (rows[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)
     k = tl.load(k_ptr + (rows[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)
     dscores = (dscores * scale).to(k.dtype)
-    dq = dq * scale + tl.dot(dscores, k)
-    dk += tl.dot(tl.trans(dscores), q)
+    dq = dq * scale + tl.dot(dscores, k, input_precision=DOT)
+    dk += tl.dot(tl.trans(dscores), q, input_precision=DOT)
     offsets = (rows[:, None] * H + i_h) * K + o_k[None, :]
     tl.store(dq_ptr + offsets, dq.to(dq_ptr.dtype.element_ty), mask=m_tk)
     tl.store(dk_ptr + offsets, dk.to(dk_ptr.dtype.element_ty), mask=m_tk)
@@ -257,6 +262,7 @@ def _bwd_dv_kernel(
     q_ptr, k_ptr, g_ptr, do_ptr, dh_ptr, dv_ptr, cu_ptr, chunk_seq_ptr, chunk_idx_ptr,
     scale, H, K, V,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr,
+    DOT: tl.constexpr,
 ):  # fmt: skip
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows, m_t, valid, _, _ = chunk_rows(cu_ptr, chunk_seq_ptr, chunk_idx_ptr, i_c, BT)
@@ -285,17 +291,17 @@ def _bwd_dv_kernel(
             mask=m_k[:, None] & (o_v < V)[None, :] & valid,
             other=0.0,
         )
-        scores_t += tl.dot(k, q_t)
+        scores_t += tl.dot(k, q_t, input_precision=DOT)
         if HAS_G:
             k = (k * tl.exp(b_last - b)[:, None]).to(q_t.dtype)
-        dv += tl.dot(k, dh.to(k.dtype))
+        dv += tl.dot(k, dh.to(k.dtype), input_precision=DOT)
     anti_causal = tl.arange(0, BT)[:, None] <= tl.arange(0, BT)[None, :]
     if HAS_G:
         scores_t *= tl.exp(tl.where(anti_causal, b[None, :] - b[:, None], float("-inf")))
     else:
         scores_t = tl.where(anti_causal, scores_t, 0.0)
     do = tl.load(do_ptr + (rows[:, None] * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.0)
-    dv += tl.dot((scores_t * scale).to(do.dtype), do)
+    dv += tl.dot((scores_t * scale).to(do.dtype), do, input_precision=DOT)
     tl.store(
         dv_ptr + (rows[:, None] * H + i_h) * V + o_v[None, :],
         dv.to(dv_ptr.dtype.element_ty),
@@ -357,6 +363,7 @@ def _states(k, v, g, h0, chunks, output_final):
         k, v, k if g is None else g, k if h0 is None else h0, h, ht, chunks.cu, chunks.first,
         H, K, V, BT=CHUNK, BK=BK, BV=BV,
         HAS_G=g is not None, HAS_H0=h0 is not None, STORE_FINAL=output_final,
+        DOT=dot_precision(k.dtype),
     )  # fmt: skip
     return h, (ht if output_final else None)
 
@@ -370,6 +377,7 @@ def _forward(q, k, v, g, h0, chunks, scale, output_final, out_dtype):
     _fwd_output_kernel[(triton.cdiv(V, BV), chunks.bound, H)](
         q, k, v, q if g is None else g, h, o, chunks.cu, chunks.seq, chunks.idx,
         scale, H, K, V, BT=CHUNK, BK=BK, BV=BV, HAS_G=g is not None,
+        DOT=dot_precision(q.dtype),
     )  # fmt: skip
     return o, ht
 
@@ -414,6 +422,7 @@ class ChunkedLinearAttnFunction(torch.autograd.Function):
             q, do, q if g is None else g, dh if dht is None else dht.contiguous(), dh, dh0,
             cu, chunks.first, scale, H, K, V, BT=CHUNK, BK=BK, BV=BV,
             HAS_G=g is not None, HAS_DHT=dht is not None, STORE_DH0=want_dh0,
+            DOT=dot_precision(q.dtype),
         )  # fmt: skip
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         num_k = triton.cdiv(K, BK)
@@ -422,15 +431,17 @@ class ChunkedLinearAttnFunction(torch.autograd.Function):
             q, k, v, q if g is None else g, h, do, dh, dq, dk, dg_part,
             cu, chunks.seq, chunks.idx, scale, R, H, K, V,
             BT=CHUNK, BK=BK, BV=BV, HAS_G=g is not None,
+            DOT=dot_precision(q.dtype),
         )  # fmt: skip
         _bwd_dv_kernel[(triton.cdiv(V, BV), chunks.bound, H)](
             q, k, q if g is None else g, do, dh, dv, cu, chunks.seq, chunks.idx,
             scale, H, K, V, BT=CHUNK, BK=BK, BV=BV, HAS_G=g is not None,
+            DOT=dot_precision(q.dtype),
         )  # fmt: skip
         dg = None
         if g is not None and ctx.needs_input_grad[3]:
             dlog = dg_part.sum(0)
-            if dht is not None:
+            if dht is not None and R > 0:  # (no rows: nowhere to add, and nothing to add)
                 # S_T depends on the decay up to the last token: d<dS_T, S_T>/dB_T = <dS_T, S_T>.
                 lengths = cu[1:] - cu[:-1]
                 last = (cu[1:].long() - 1).clamp(min=0)
@@ -478,6 +489,13 @@ def linear_attn_triton(
         if h0 is not None:
             h0 = torch.cat([h0[0].float(), h0[1].float().unsqueeze(-1)], dim=-1)
     h0 = None if h0 is None else h0.float().contiguous()
+    # Feature counts like Taylor's 273 leave q/k rows misaligned for the tensor-core loads
+    # (bf16 at K=273 faulted in the backward on an H200 while K=64 ran): zero features up to
+    # a multiple of 16 change no product, and autograd crops their gradients.
+    pad = -K % 16
+    if pad:
+        q, k = F.pad(q, (0, pad)), F.pad(k, (0, pad))
+        h0 = None if h0 is None else F.pad(h0, (0, 0, 0, pad))
     out_dtype = torch.float32 if normalize else v.dtype
 
     needs_grad = torch.is_grad_enabled() and any(
@@ -489,6 +507,8 @@ def linear_attn_triton(
         o, ht = ChunkedLinearAttnFunction.apply(
             q, k, v, g, h0, cu, fixed_length, scale, output_final_state, out_dtype
         )
+    if ht is not None and pad:
+        ht = ht[:, :, :K]
     if normalize:
         o = o[..., :V] / (o[..., V:] + eps)
         if ht is not None:

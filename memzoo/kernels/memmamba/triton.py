@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from memzoo.kernels._core import AotSpec, aot_signature, register_aot
+from memzoo.kernels._core import AotSpec, aot_signature, dot_precision, register_aot
 from memzoo.kernels.memmamba.reference import visible_range
 
 LN2 = math.log(2.0)
@@ -66,6 +66,7 @@ def _fwd_kernel(
     q_ptr, k_ptr, v_ptr, hi_ptr, lo_ptr, o_ptr, lse_ptr,
     scale, R, H, D, DV,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+    DOT: tl.constexpr,
 ):  # fmt: skip
     i_m, i_h = tl.program_id(0), tl.program_id(1)
     rows, m_q, lo, hi, band_lo, band_hi = _query_block(hi_ptr, lo_ptr, i_m, R, BM)
@@ -93,7 +94,7 @@ def _fwd_kernel(
             mask=m_n[:, None] & m_dv[None, :],
             other=0.0,
         )
-        s = tl.dot(q, tl.trans(k)) * (scale * 1.4426950408889634)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT) * (scale * 1.4426950408889634)
         visible = m_q[:, None] & (ranks[None, :] >= lo[:, None]) & (ranks[None, :] < hi[:, None])
         s = tl.where(visible, s, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(s, axis=1))
@@ -102,7 +103,7 @@ def _fwd_kernel(
         p = tl.exp2(s - shift[:, None])
         rescale = tl.exp2(row_max - shift)
         row_sum = row_sum * rescale + tl.sum(p, axis=1)
-        acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT)
         row_max = new_max
     safe_sum = tl.where(row_sum > 0.0, row_sum, 1.0)
     tl.store(
@@ -119,6 +120,7 @@ def _bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, hi_ptr, lo_ptr, dq_ptr,
     scale, R, H, D, DV,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+    DOT: tl.constexpr,
 ):  # fmt: skip
     i_m, i_h = tl.program_id(0), tl.program_id(1)
     rows, m_q, lo, hi, band_lo, band_hi = _query_block(hi_ptr, lo_ptr, i_m, R, BM)
@@ -148,11 +150,11 @@ def _bwd_dq_kernel(
             mask=m_n[:, None] & m_dv[None, :],
             other=0.0,
         )
-        s = tl.dot(q, tl.trans(k)) * (scale * 1.4426950408889634)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT) * (scale * 1.4426950408889634)
         visible = m_q[:, None] & (ranks[None, :] >= lo[:, None]) & (ranks[None, :] < hi[:, None])
         p = tl.where(visible, tl.exp2(s - lse[:, None]), 0.0)
-        ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)
+        ds = p * (tl.dot(do, tl.trans(v), input_precision=DOT) - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT)
     tl.store(
         dq_ptr + (rows[:, None] * H + i_h) * D + o_d[None, :],
         (dq * scale).to(dq_ptr.dtype.element_ty),
@@ -167,6 +169,7 @@ def _bwd_dkv_kernel(
     dk_ptr, dv_ptr,
     scale, R, RN, H, D, DV,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+    DOT: tl.constexpr,
 ):  # fmt: skip
     i_n, i_h = tl.program_id(0), tl.program_id(1)
     ranks = tl.cast(i_n, tl.int64) * BN + tl.arange(0, BN)
@@ -207,13 +210,13 @@ def _bwd_dkv_kernel(
         delta = tl.load(delta_ptr + rows * H + i_h, mask=m_q, other=0.0)
         lo = tl.load(lo_ptr + rows, mask=m_q, other=0).to(tl.int64)
         hi = tl.load(hi_ptr + rows, mask=m_q, other=0).to(tl.int64)
-        s_t = tl.dot(k, tl.trans(q)) * (scale * 1.4426950408889634)  # [BN, BM]
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT) * (scale * 1.4426950408889634)  # [BN, BM]
         in_band = (ranks[:, None] >= lo[None, :]) & (ranks[:, None] < hi[None, :])
         visible_t = m_n[:, None] & m_q[None, :] & in_band
         p_t = tl.where(visible_t, tl.exp2(s_t - lse[None, :]), 0.0)
-        dv += tl.dot(p_t.to(do.dtype), do)
-        ds_t = p_t * (tl.dot(v, tl.trans(do)) - delta[None, :])
-        dk += tl.dot(ds_t.to(q.dtype), q)
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT)
+        ds_t = p_t * (tl.dot(v, tl.trans(do), input_precision=DOT) - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT)
     tl.store(
         dk_ptr + (ranks[:, None] * H + i_h) * D + o_d[None, :],
         (dk * scale).to(dk_ptr.dtype.element_ty),
@@ -242,6 +245,7 @@ class NoteAttentionFunction(torch.autograd.Function):
             _fwd_kernel[(triton.cdiv(R, BM), H)](
                 q, k, v, hi, lo, o, lse2, scale, R, H, D, DV,
                 BM=BM, BN=BN, BD=BD, BDV=BDV, num_warps=num_warps,
+                DOT=dot_precision(q.dtype),
             )  # fmt: skip
         ctx.save_for_backward(q, k, v, o, lse2, hi, lo)
         ctx.scale = scale
@@ -264,6 +268,7 @@ class NoteAttentionFunction(torch.autograd.Function):
             _bwd_dq_kernel[(triton.cdiv(R, BM), H)](
                 q, k, v, do, lse2, delta, hi, lo, dq, ctx.scale, R, H, D, DV,
                 BM=BM, BN=BN, BD=BD, BDV=BDV, num_warps=num_warps,
+                DOT=dot_precision(q.dtype),
             )  # fmt: skip
         if RN > 0:
             # Both bounds are sorted, so the queries that see note r are one range, found on
@@ -275,6 +280,7 @@ class NoteAttentionFunction(torch.autograd.Function):
                 q, k, v, do, lse2, delta, hi, lo, q_first, q_end, dk, dv,
                 ctx.scale, R, RN, H, D, DV,
                 BM=BM, BN=BN, BD=BD, BDV=BDV, num_warps=num_warps,
+                DOT=dot_precision(q.dtype),
             )  # fmt: skip
         return dq, dk, dv, None, None, None
 
