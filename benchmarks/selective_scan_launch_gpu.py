@@ -1,0 +1,135 @@
+"""Pick the Triton selective scan's launch shape on a GPU: tile sizes and warps, timed.
+
+Each variant (BT tokens x BD channels per tile, forward warps, backward warps) is first checked
+against the fp64 torch reference (fp32 inputs, forward and every gradient), then timed forward
+and forward+backward in bf16 at Mamba's shape (Dm=1536, N=16, softplus, D, z). Writes
+benchmarks/results/selective_scan_launch-<gpu>.md.
+
+    python benchmarks/selective_scan_launch_gpu.py [--lengths 8192] [--variants 8,16,4,8 8,32,4,8]
+"""
+
+from __future__ import annotations
+
+import argparse
+from unittest import mock
+
+import torch
+from common import cuda_time_ms, slug, write_result
+
+from memzoo.kernels import selective_scan
+from memzoo.kernels.selective_scan import triton as scan_triton
+from memzoo.kernels.testing import relative_rmse
+
+# (BT, BD, forward warps, backward warps); the first is the shipped default.
+VARIANTS = [(8, 16, 4, 8), (8, 32, 4, 8), (4, 64, 8, 8), (2, 128, 8, 8)]
+
+
+def _patched(variant):
+    """Context manager that makes the kernels launch with `variant`."""
+    BT, BD, fwd_warps, bwd_warps = variant
+
+    def launch(N, channels_per_group, backward=False):
+        return {"BT": BT, "BD": BD, "BN": max(2, 1 << (N - 1).bit_length())}
+
+    return mock.patch.multiple(
+        scan_triton, _launch=launch, FWD_WARPS=fwd_warps, BWD_WARPS=bwd_warps
+    )
+
+
+def _inputs(batch, T, Dm, N, dtype, seed):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+
+    def rnd(*shape, dt=dtype, scale=1.0):
+        return (torch.randn(*shape, generator=gen, device="cuda") * scale).to(dt)
+
+    return {
+        "u": rnd(batch, T, Dm), "delta": rnd(batch, T, Dm, scale=0.5),
+        "A": -(0.1 + 2 * torch.rand(Dm, N, generator=gen, device="cuda")),
+        "B": rnd(batch, T, 1, N), "C": rnd(batch, T, 1, N), "D": rnd(Dm, dt=torch.float32),
+        "z": rnd(batch, T, Dm), "delta_bias": rnd(Dm, dt=torch.float32, scale=0.5),
+    }  # fmt: skip
+
+
+def _forward_backward(inputs, backend, cotangent=None):
+    leaves = {n: t.detach().clone().requires_grad_() for n, t in inputs.items()}
+    y, _ = selective_scan(
+        leaves["u"], leaves["delta"], leaves["A"], leaves["B"], leaves["C"], D=leaves["D"],
+        z=leaves["z"], delta_bias=leaves["delta_bias"], delta_softplus=True, backend=backend,
+    )  # fmt: skip
+    if cotangent is None:
+        cotangent = torch.randn(y.shape, device=y.device, dtype=torch.float64)
+    (y.double() * cotangent).sum().backward()
+    return y, {n: t.grad for n, t in leaves.items()}, cotangent
+
+
+def worst_error(variant) -> float:
+    """Largest relative RMSE over y and every gradient, fp32 kernel vs fp64 reference."""
+    inputs = _inputs(2, 333, 200, 16, torch.float32, seed=0)
+    with _patched(variant):
+        y, grads, cot = _forward_backward(inputs, "triton")
+    ref_inputs = {n: t.double() for n, t in inputs.items()}
+    y_ref, grads_ref, _ = _forward_backward(ref_inputs, "torch", cot)
+    errors = [relative_rmse(y_ref, y)] + [relative_rmse(grads_ref[n], grads[n]) for n in grads]
+    return max(errors)
+
+
+def timings(variant, batch, T) -> tuple[float, float]:
+    inputs = _inputs(batch, T, 1536, 16, torch.bfloat16, seed=1)
+    leaves = {n: t.clone().requires_grad_() for n, t in inputs.items()}
+
+    def forward(t):
+        return selective_scan(
+            t["u"], t["delta"], t["A"], t["B"], t["C"], D=t["D"], z=t["z"],
+            delta_bias=t["delta_bias"], delta_softplus=True, backend="triton",
+        )[0]  # fmt: skip
+
+    with _patched(variant):
+        fwd = cuda_time_ms(lambda: forward(inputs), repeats=10)
+        both = cuda_time_ms(lambda: forward(leaves).float().sum().backward(), repeats=10)
+    return fwd, both
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[8192])
+    parser.add_argument(
+        "--variants", nargs="+", default=[",".join(map(str, v)) for v in VARIANTS],
+        help="BT,BD,forward warps,backward warps (e.g. 8,32,4,8)",
+    )  # fmt: skip
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("selective_scan_launch_gpu.py needs a CUDA device")
+        return
+    device = torch.cuda.get_device_name(0)
+    lines = [
+        f"# selective scan launch shapes on {device}",
+        "",
+        f"bf16, B={args.batch}, Dm=1536, N=16, softplus + D + z; median of 10 runs; error = worst "
+        "relative RMSE of y and all gradients, fp32 kernel vs fp64 reference (B=2, T=333, "
+        f"Dm=200); torch {torch.__version__}. Reproduce: `python "
+        "benchmarks/selective_scan_launch_gpu.py`.",
+        "",
+        "| BT | BD | warps fwd/bwd | error | T | fwd (ms) | fwd+bwd (ms) |",
+        "|---:|---:|---|---:|---:|---:|---:|",
+    ]
+    for variant in [tuple(int(x) for x in v.split(",")) for v in args.variants]:
+        BT, BD, fw, bw = variant
+        try:
+            error = worst_error(variant)
+        except Exception as exc:  # a variant that fails to compile is a row, not a crash
+            print(f"BT={BT} BD={BD}: {type(exc).__name__}: {exc}", flush=True)
+            lines.append(f"| {BT} | {BD} | {fw}/{bw} | failed: {type(exc).__name__} | | | |")
+            continue
+        for T in args.lengths:
+            fwd, both = timings(variant, args.batch, T)
+            print(f"BT={BT:>2} BD={BD:>4} warps {fw}/{bw} err {error:.1e} T={T:>6} "
+                  f"fwd {fwd:8.3f} ms fwd+bwd {both:8.3f} ms", flush=True)  # fmt: skip
+            lines.append(
+                f"| {BT} | {BD} | {fw}/{bw} | {error:.1e} | {T} | {fwd:.3f} | {both:.3f} |"
+            )
+    print(f"wrote {write_result(f'selective_scan_launch-{slug(device)}.md', lines)}")
+
+
+if __name__ == "__main__":
+    main()
