@@ -1,7 +1,9 @@
 """Helpers for testing kernels against their references.
 
 - `assert_close(name, ref, out, ratio)`: relative RMSE check with the error in the message.
-- `randn`, `rand_lengths`, `cu_seqlens_from_lengths`: seeded input factories.
+- `randn`, `rand_lengths`, `cu_seqlens_from_lengths`: seeded input factories. Their tensors
+  land on `TEST_DEVICE`: "cpu", or what `MEMZOO_TEST_DEVICE` names, so the Triton tests also
+  run compiled on a GPU (`MEMZOO_TEST_DEVICE=cuda TRITON_INTERPRET=0 pytest tests/kernels`).
 - `poison_empty()` / the `nan_poison` fixture: fresh `torch.empty` / `torch.empty_like`
   allocations are filled with NaN (integers with -1), so an output a kernel forgets to
   write fails the comparison instead of passing by luck.
@@ -10,10 +12,13 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator, Sequence
 
 import pytest
 import torch
+
+TEST_DEVICE = torch.device(os.environ.get("MEMZOO_TEST_DEVICE", "cpu"))
 
 
 def relative_rmse(ref: torch.Tensor, out: torch.Tensor) -> float:
@@ -51,32 +56,39 @@ def randn(
     *shape: int,
     seed: int,
     dtype: torch.dtype = torch.float32,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
     scale: float = 1.0,
     requires_grad: bool = False,
 ) -> torch.Tensor:
-    """Normal samples from a private generator: the same seed gives the same tensor anywhere."""
+    """Normal samples from a private generator: the same seed gives the same tensor anywhere.
+
+    Drawn on the CPU in fp64, then moved to `device` (default `TEST_DEVICE`) and cast."""
     generator = torch.Generator().manual_seed(seed)
-    t = (torch.randn(*shape, generator=generator, dtype=torch.float64) * scale).to(dtype)
-    return t.to(device).requires_grad_(requires_grad)
+    t = torch.randn(*shape, generator=generator, dtype=torch.float64, device="cpu")
+    t = (t * scale).to(dtype)
+    return t.to(TEST_DEVICE if device is None else device).requires_grad_(requires_grad)
 
 
 def rand_lengths(num_seqs: int, max_len: int, *, seed: int, min_len: int = 1) -> list[int]:
     """`num_seqs` sequence lengths drawn uniformly from [min_len, max_len]."""
     generator = torch.Generator().manual_seed(seed)
-    return torch.randint(min_len, max_len + 1, (num_seqs,), generator=generator).tolist()
+    lengths = torch.randint(min_len, max_len + 1, (num_seqs,), generator=generator, device="cpu")
+    return lengths.tolist()
 
 
 def cu_seqlens_from_lengths(
-    lengths: Sequence[int], device: str | torch.device = "cpu"
+    lengths: Sequence[int], device: str | torch.device | None = None
 ) -> torch.Tensor:
-    """int32 offsets `[N + 1]` of sequences with the given lengths packed back to back."""
-    offsets = torch.zeros(len(lengths) + 1, dtype=torch.int32)
-    offsets[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int64), 0)
-    return offsets.to(device)
+    """int32 offsets `[N + 1]` of sequences with the given lengths packed back to back
+    (on `device`, default `TEST_DEVICE`)."""
+    offsets = torch.zeros(len(lengths) + 1, dtype=torch.int32, device="cpu")
+    offsets[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int64, device="cpu"), 0)
+    return offsets.to(TEST_DEVICE if device is None else device)
 
 
 def _poison(t: torch.Tensor) -> torch.Tensor:
+    if t.requires_grad:  # a leaf made by torch.empty(..., requires_grad=True) (checkpoint's
+        return t  # dummy): never a kernel's output, and in-place fills are refused on it
     if t.is_floating_point() or t.is_complex():
         t.fill_(float("nan"))
     elif t.dtype != torch.bool:

@@ -345,6 +345,7 @@ def test_step_computes_in_fp32_and_returns_q_dtype():
 # ---- backend dispatch -------------------------------------------------------------------------
 
 
+@pytest.mark.cpu
 def test_auto_backend_on_cpu_uses_the_torch_path(monkeypatch):
     calls = []
 

@@ -242,6 +242,7 @@ def test_noncontiguous_inputs_are_accepted():
     )
 
 
+@pytest.mark.cpu
 def test_auto_backend_on_cpu_uses_torch(monkeypatch):
     import memzoo.kernels.conv1d as conv1d
 
@@ -312,12 +313,14 @@ def test_update_bad_state_shape():
         causal_conv1d_update(torch.zeros(2, 4), torch.zeros(2, 4, 3), torch.zeros(4, 3))
 
 
+@pytest.mark.cpu
 def test_triton_backend_without_interpreter_is_refused(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(BackendUnavailableError, match="TRITON_INTERPRET=1"):
         causal_conv1d(*_good(), backend="triton")
 
 
+@pytest.mark.cpu
 def test_triton_backend_refuses_float64():
     with pytest.raises(BackendUnavailableError, match="got torch.float64"):
         causal_conv1d(

@@ -351,6 +351,7 @@ def test_default_scale(normalize):
     assert_close("o step", o_ref[:, 0], o_step, F64)
 
 
+@pytest.mark.cpu
 def test_auto_backend_on_cpu_uses_the_chunked_reference(monkeypatch):
     # memzoo.kernels.linear_attn is the function (re-exported by memzoo.kernels); fetch the module.
     la = importlib.import_module("memzoo.kernels.linear_attn")

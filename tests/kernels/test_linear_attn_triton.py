@@ -241,3 +241,25 @@ def test_cuda_half_precision(dtype):
     )  # fmt: skip
     assert_close("o", o_ref, o, 2e-2)
     assert_close("final", final_ref, final, 2e-2)
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_wide_normalised_features_backward():
+    """JRT's shape: Taylor features (K=273, several partial K blocks), normalised, with an
+    initial state, in bf16; forward and every gradient against the fp64 reference."""
+    q, k, v, _, state = make_inputs(1, 200, 2, 273, 16, seed=5, use_g=False, normalize=True)
+    q, k, v = (t.cuda() / 273 for t in (q, k, v))
+    state = tuple(s.cuda() for s in state)
+
+    def run(dtype, backend):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        init = tuple(s.to(state_dtype) for s in state)
+        o, _ = linear_attn(*leaves, normalize=True, initial_state=init, backend=backend)
+        backprop(o, ())
+        return [o] + [t.grad for t in leaves]
+
+    out = run(torch.bfloat16, "triton")
+    ref = run(torch.float64, "torch")
+    for name, r, o in zip(("o", "dq", "dk", "dv"), ref, out, strict=True):
+        assert_close(name, r, o, 2e-2)

@@ -17,14 +17,14 @@ from memzoo.kernels.memmamba.reference import (
     note_attention_recurrent,
     note_attention_ref,
 )
-from memzoo.kernels.testing import assert_close, cu_seqlens_from_lengths, randn
+from memzoo.kernels.testing import TEST_DEVICE, assert_close, cu_seqlens_from_lengths, randn
 
 
 def scores_for(B, T, density, seed):
     """Scores in (0, 1) whose fraction above 0.5 is about `density` (0 and 1 exactly)."""
     generator = torch.Generator().manual_seed(seed)
-    u = torch.rand(B, T, generator=generator, dtype=torch.float64)
-    return torch.where(u < density, 0.5 + u / 4 + 0.01, 0.25 * u)
+    u = torch.rand(B, T, generator=generator, dtype=torch.float64, device="cpu")
+    return torch.where(u < density, 0.5 + u / 4 + 0.01, 0.25 * u).to(TEST_DEVICE)
 
 
 def make_case(B, T, H, D, Dv, density, seed):

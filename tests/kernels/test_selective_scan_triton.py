@@ -5,7 +5,7 @@ import torch
 
 from memzoo.kernels.selective_scan import selective_scan
 from memzoo.kernels.selective_scan.reference import selective_scan_recurrent_ref
-from memzoo.kernels.testing import assert_close, cu_seqlens_from_lengths, randn
+from memzoo.kernels.testing import TEST_DEVICE, assert_close, cu_seqlens_from_lengths, randn
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
 
@@ -17,7 +17,7 @@ def make_inputs(batch, T, Dm, N, G, *, seed, options=True, num_states=None, deca
         "u": randn(batch, T, Dm, seed=seed),
         "delta": randn(batch, T, Dm, seed=seed + 1, scale=0.5),
         "A": -(low + (high - low) * torch.rand(Dm, N, generator=torch.Generator().manual_seed(seed),
-                                               dtype=torch.float64)),
+                                               dtype=torch.float64, device="cpu")).to(TEST_DEVICE),
         "B": randn(batch, T, G, N, seed=seed + 2),
         "C": randn(batch, T, G, N, seed=seed + 3),
         "initial_state": randn(num_states or batch, Dm, N, seed=seed + 4),
