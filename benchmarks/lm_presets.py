@@ -59,6 +59,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=PRESETS)
+    parser.add_argument(
+        "--train-sizes", nargs="+", default=["tiny"], choices=["tiny", "125m"],
+        help="sizes whose training throughput is timed (125m wants a GPU)",
+    )  # fmt: skip
     args = parser.parse_args()
     torch.manual_seed(0)
     if args.device == "cuda":
@@ -70,21 +75,23 @@ def main() -> None:
         "",
         f"torch {torch.__version__}. Tokens/s: forward + backward of `LM.loss` at batch "
         f"{args.batch} x {args.seq_len} tokens, median of {args.steps} steps, "
-        f"{'bf16 autocast' if args.device == 'cuda' else 'fp32'}; tiny presets only. "
+        f"{'bf16 autocast' if args.device == 'cuda' else 'fp32'}; sizes timed: "
+        f"{', '.join(args.train_sizes)}. "
         "State: floats of inference state per sequence (`LM.state_size`). Command: "
         f"`python benchmarks/lm_presets.py --device {args.device} --batch {args.batch} "
-        f"--seq-len {args.seq_len} --steps {args.steps}`",
+        f"--seq-len {args.seq_len} --steps {args.steps} --presets {' '.join(args.presets)} "
+        f"--train-sizes {' '.join(args.train_sizes)}`",
         "",
         "| preset | params | params w/o embeddings | "
         + " | ".join(f"state @ {n}" for n in STATE_LENGTHS)
         + " | train tokens/s |",
         "|---|---:|---:|" + "---:|" * len(STATE_LENGTHS) + "---:|",
     ]
-    for preset in PRESETS:
+    for preset in args.presets:
         for size in ("tiny", "125m"):
             model = LM(load_config(CONFIGS / f"{preset}-{size}.yaml"))
             speed = ""
-            if size == "tiny":
+            if size in args.train_sizes:
                 model = model.to(args.device)
                 rate = train_tokens_per_s(model, args.batch, args.seq_len, args.steps, args.device)
                 speed = f"{rate:,.0f}"
