@@ -17,7 +17,9 @@ Identity, so recall rests on the sequence mixers alone; `ffn="swiglu"` or "mlp" 
 Training (`MQARTask`): AdamW through memzoo.train.trainer.Trainer on `MQARData` for `epochs`
 passes over the fixed training set, linear warmup then cosine decay, the loss and the LM head
 only at query positions (LM.forward(only_labeled=True)), an evaluation every `eval_every`
-steps, and an early stop once the test accuracy reaches `stop_accuracy`.
+steps, and an early stop once the test accuracy reaches `stop_accuracy`. After training, each
+single-pass test slice is also read twice (JRT-Prompt, `memzoo.eval.jrt.mqar_jrt_gain`) on
+the same examples.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from memzoo.eval.jrt import JRTGain, mqar_jrt_gain
 from memzoo.eval.mqar import MQARConfig, MQARData, MQAREvaluator
 from memzoo.models.config import LMConfig
 from memzoo.train.config import RunConfig
@@ -107,7 +110,8 @@ class MQARTask:
 class MQARResult:
     """One finished run. accuracy: mean over all test examples; slice_accuracy and
     state_size (floats of inference state per sequence, LM.state_size) per test slice name;
-    params: the LM's parameter count; steps trained; seconds of wall time."""
+    params: the LM's parameter count; steps trained; seconds of wall time; jrt: per
+    single-pass test slice, the accuracy with the key-value context read once and twice."""
 
     mixer: str
     d_model: int
@@ -119,6 +123,7 @@ class MQARResult:
     steps: int
     seconds: float
     stopped_early: bool
+    jrt: dict[str, JRTGain] = field(default_factory=dict)
 
 
 def run_mqar(
@@ -185,6 +190,12 @@ def run_mqar(
     if result.interrupted:  # the trainer turned SIGINT/SIGTERM into a checkpoint and a stop
         raise KeyboardInterrupt(f"run_mqar: {out_dir} was interrupted at step {result.step}")
     final = records[-1]
+    # The test slices' own seeds (MQARData's), so "once" repeats the final evaluation.
+    jrt = {
+        c.name: mqar_jrt_gain(trainer.model, c, data.seed + 1_000_003 + i)
+        for i, c in enumerate(data.test)
+        if c.num_passes == 1
+    }
     return MQARResult(
         mixer=model.mixer,
         d_model=model.d_model,
@@ -196,6 +207,7 @@ def run_mqar(
         steps=result.step,
         seconds=time.perf_counter() - started,
         stopped_early=result.stopped_early,
+        jrt=jrt,
     )
 
 

@@ -10,7 +10,8 @@ holds:
     sweep.json          the preset's task and mixer settings (a later run must match them)
     results.csv         one row per (mixer, width, lr, test slice); rewritten atomically after
                         every finished run, read back on start: finished runs are skipped
-    results.md          per (mixer, width), the best learning rate's accuracy and state size
+    results.md          per (mixer, width), the best learning rate's accuracy and state size,
+                        and the JRT gain (accuracy change with the context read twice)
     recall_vs_state.png accuracy against state size per test slice, Pareto frontier drawn
 
 Presets (per-mixer settings apply to every width; `+conv` = zoology's Hybrid, a gated short
@@ -84,6 +85,7 @@ COLUMNS = [
     "seq_len",
     "num_kv_pairs",
     "accuracy",
+    "accuracy_twice",
     "state_size",
     "params",
     "steps",
@@ -96,6 +98,7 @@ _TYPES = {
     "seq_len": int,
     "num_kv_pairs": int,
     "accuracy": float,
+    "accuracy_twice": float,
     "state_size": int,
     "params": int,
     "steps": int,
@@ -231,7 +234,8 @@ def read_results(path: str | Path) -> list[dict]:
         return []
     rows = []
     for raw in csv.DictReader(io.StringIO(path.read_text())):
-        row = {k: _TYPES.get(k, str)(v) for k, v in raw.items()}
+        # An empty cell (accuracy_twice of a multi-pass slice, or of an older file) is None.
+        row = {k: None if v in ("", None) else _TYPES.get(k, str)(v) for k, v in raw.items()}
         row["stopped_early"] = raw["stopped_early"] == "True"
         rows.append(row)
     return rows
@@ -256,6 +260,7 @@ def _result_rows(result: MQARResult, model: MQARModel, test: Sequence[MQARConfig
             "seq_len": c.seq_len,
             "num_kv_pairs": c.num_kv_pairs,
             "accuracy": round(result.slice_accuracy[c.name], 6),
+            "accuracy_twice": round(result.jrt[c.name].repeated, 6) if c.name in result.jrt else "",
             "state_size": result.state_size[c.name],
             "params": result.params,
             "steps": result.steps,
@@ -273,6 +278,7 @@ def best_per_model(rows: Sequence[dict]) -> list[dict]:
     """Per (mixer, model, d_model), sorted by mixer then width: the learning rate with the
     best mean accuracy over the test slices (the smaller lr among ties), as {mixer, model,
     d_model, lr, params, accuracy, state_size, seq_len (each {slice: value}), mean_accuracy,
+    jrt_gain (mean over the slices read twice of twice - once; None when none was),
     seconds (summed over all learning rates)}."""
     grouped: dict[tuple, dict[float, list[dict]]] = {}
     for row in rows:
@@ -283,6 +289,12 @@ def best_per_model(rows: Sequence[dict]) -> list[dict]:
         means = {lr: sum(r["accuracy"] for r in run) / len(run) for lr, run in by_lr.items()}
         lr = max(means, key=lambda lr: (means[lr], -lr))
         chosen = by_lr[lr]
+        gains = [
+            r["accuracy_twice"] - r["accuracy"]
+            for r in chosen
+            if r.get("accuracy_twice") is not None
+        ]
+        gain = sum(gains) / len(gains) if gains else None
         summary.append(
             {
                 "mixer": mixer,
@@ -294,6 +306,7 @@ def best_per_model(rows: Sequence[dict]) -> list[dict]:
                 "state_size": {r["slice"]: r["state_size"] for r in chosen},
                 "seq_len": {r["slice"]: r["seq_len"] for r in chosen},
                 "mean_accuracy": means[lr],
+                "jrt_gain": gain,
                 "seconds": sum(run[0]["seconds"] for run in by_lr.values()),
             }
         )
@@ -302,7 +315,8 @@ def best_per_model(rows: Sequence[dict]) -> list[dict]:
 
 def write_table(rows: Sequence[dict], path: str | Path, *, title: str) -> str:
     """The markdown table of `best_per_model(rows)` under `# title`, written atomically;
-    returns its text. State sizes are floats per sequence at each test length."""
+    returns its text. State sizes are floats per sequence at each test length; "JRT gain" is
+    the mean accuracy change when the key-value context is read twice (JRT-Prompt)."""
     summary = best_per_model(rows)
     slices = list(dict.fromkeys(r["slice"] for r in rows))
     lengths = sorted({r["seq_len"] for r in rows})
@@ -315,6 +329,7 @@ def write_table(rows: Sequence[dict], path: str | Path, *, title: str) -> str:
         "lr",
         *slices,
         "mean",
+        "JRT gain",
         "time (s)",
     ]
     lines = [
@@ -334,6 +349,7 @@ def write_table(rows: Sequence[dict], path: str | Path, *, title: str) -> str:
             f"{s['lr']:.1e}",
             *(f"{s['accuracy'][name]:.3f}" if name in s["accuracy"] else "" for name in slices),
             f"{s['mean_accuracy']:.3f}",
+            "" if s["jrt_gain"] is None else f"{s['jrt_gain']:+.3f}",
             f"{s['seconds']:.0f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -416,8 +432,10 @@ def run_sweep(
                 rows += _result_rows(result, model, preset.task.test)
                 _write_results(csv_path, rows)
                 state = max(result.state_size.values())
+                twice = [g.repeated for g in result.jrt.values()]
+                read_twice = f"  read twice {sum(twice) / len(twice):.3f}" if twice else ""
                 log(
-                    f"{where}  accuracy {result.accuracy:.3f}  state {state:,}  "
+                    f"{where}  accuracy {result.accuracy:.3f}{read_twice}  state {state:,}  "
                     f"{result.steps} steps  {result.seconds:.0f} s"
                 )
     if rows:

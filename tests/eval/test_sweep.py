@@ -50,6 +50,9 @@ def test_runner_trains_attention_to_recall_an_easy_slice(tmp_path):
     # attn: keys and values of every token, 2 * d * T per layer; the short conv: 2 d floats.
     assert result.state_size == {"T16-kv2": 2 * (2 * 64 * 16 + 2 * 64)}
     assert result.params == LM(model.lm_config(16)).num_params()
+    # JRT: "once" repeats the final evaluation on the same examples; "twice" is a probability.
+    jrt = result.jrt["T16-kv2"]
+    assert jrt.single == pytest.approx(result.accuracy) and 0.0 <= jrt.repeated <= 1.0
 
 
 def test_learning_rate_sweep_runs_each_lr_in_its_own_directory(tmp_path):
@@ -94,6 +97,7 @@ def test_micro_sweep_writes_results_table_and_plot_then_skips_finished_runs(tmp_
         ("short_conv", "T24-kv4"),
     ]
     assert read_results(tmp_path / "results.csv") == rows
+    assert all(0.0 <= r["accuracy_twice"] <= 1.0 for r in rows)
     attn = rows[1]
     assert attn["model"] == "short_conv+attn(num_heads=2)"
     assert attn["state_size"] == 2 * (2 * 16 * 24 + 2 * 16) and attn["steps"] == 2
@@ -132,7 +136,7 @@ def test_unknown_mixer_names_are_an_error(tmp_path):
         run_sweep(_micro(), tmp_path, mixers=["nope"], log=lambda _: None)
 
 
-def _row(mixer, width, lr, slice_, accuracy, state):
+def _row(mixer, width, lr, slice_, accuracy, state, twice=None):
     return {
         "mixer": mixer,
         "model": mixer,
@@ -142,6 +146,7 @@ def _row(mixer, width, lr, slice_, accuracy, state):
         "seq_len": int(slice_[1:].split("-")[0]),
         "num_kv_pairs": 4,
         "accuracy": accuracy,
+        "accuracy_twice": twice,
         "state_size": state,
         "params": 1000,
         "steps": 10,
@@ -154,8 +159,8 @@ def test_best_per_model_takes_the_lr_with_the_best_mean_accuracy_over_slices(tmp
     rows = [
         _row("attn", 32, 1e-3, "T64-kv4", 0.9, 4096),
         _row("attn", 32, 1e-3, "T128-kv8", 0.3, 8192),
-        _row("attn", 32, 3e-3, "T64-kv4", 0.7, 4096),
-        _row("attn", 32, 3e-3, "T128-kv8", 0.7, 8192),
+        _row("attn", 32, 3e-3, "T64-kv4", 0.7, 4096, twice=0.8),
+        _row("attn", 32, 3e-3, "T128-kv8", 0.7, 8192, twice=0.9),
         _row("based", 32, 1e-3, "T64-kv4", 0.5, 9000),
         _row("based", 32, 1e-3, "T128-kv8", 0.4, 9000),
     ]
@@ -163,14 +168,17 @@ def test_best_per_model_takes_the_lr_with_the_best_mean_accuracy_over_slices(tmp
     assert attn["lr"] == 3e-3 and attn["accuracy"] == {"T64-kv4": 0.7, "T128-kv8": 0.7}
     assert attn["state_size"] == {"T64-kv4": 4096, "T128-kv8": 8192}
     assert attn["seconds"] == 4.0 and based["mean_accuracy"] == pytest.approx(0.45)
+    assert attn["jrt_gain"] == pytest.approx(0.15) and based["jrt_gain"] is None
     table = write_table(rows, tmp_path / "t.md", title="demo")
     assert table.splitlines()[2] == (
         "| mixer | block | d_model | params | state @T=64 | state @T=128 | lr | T64-kv4 | "
-        "T128-kv8 | mean | time (s) |"
+        "T128-kv8 | mean | JRT gain | time (s) |"
     )
     assert table.splitlines()[4] == (
-        "| attn | `attn` | 32 | 1,000 | 4,096 | 8,192 | 3.0e-03 | 0.700 | 0.700 | 0.700 | 4 |"
+        "| attn | `attn` | 32 | 1,000 | 4,096 | 8,192 | 3.0e-03 | 0.700 | 0.700 | 0.700 | +0.150 "
+        "| 4 |"
     )
+    assert table.splitlines()[5].endswith("| 0.450 |  | 2 |")
 
 
 @pytest.mark.parametrize(
