@@ -77,7 +77,7 @@ def passkey(args: argparse.Namespace) -> int:
             if args.out is not None:
                 write_passkey_results(grid, out, f"passkey, trained at {args.length} tokens")
         else:
-            from memzoo.eval.lm_eval import load_trained_lm
+            from memzoo.train.pretrained import load_trained_lm
 
             if args.overrides:
                 raise ValueError(f"overrides {args.overrides} only apply with --train")

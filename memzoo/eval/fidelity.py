@@ -206,7 +206,7 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu"):
 
         tokenizer = load_tokenizer(path) if (path / "tokenizer.json").is_file() else None
         return LM.from_pretrained(path, device=device).eval(), tokenizer
-    from memzoo.eval.lm_eval import load_trained_lm
+    from memzoo.train.pretrained import load_trained_lm
 
     model, tokenizer, _ = load_trained_lm(path, device=device)
     return model, tokenizer

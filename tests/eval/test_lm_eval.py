@@ -10,12 +10,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from memzoo.eval.lm_eval import MemzooLM, evaluate_tasks, load_trained_lm
+from memzoo.eval.lm_eval import MemzooLM, evaluate_tasks
 from memzoo.eval.passkey import QUESTION
 from memzoo.eval.tasks import TASK_FILES, write_task_data
 from memzoo.eval.tasks.data import load_task_data
 from memzoo.models.config import LMConfig
 from memzoo.models.lm import LM
+from memzoo.train.pretrained import load_trained_lm
 from memzoo.train.tokenizer import ByteTokenizer
 from tests.eval.test_passkey import KeyReadingOracle, make_checkpoint, run_cli
 
