@@ -2,9 +2,10 @@
 # One pass of GPU checks and timings, sized for a short lease on one GPU (about 7 minutes):
 #   1. the Triton kernel tests compiled on the GPU (MEMZOO_TEST_DEVICE=cuda; a test that trips
 #      a device-side assert restarts its xdist worker);
-#   2. GPU benchmarks: linear attention (vs SDPA and fla), LM presets' training throughput,
-#      selective-scan launch shapes. benchmarks/{scans,attention}_gpu.py and a short
-#      `memzoo train --config configs/hydra-tiny.yaml` run are the other GPU checks.
+#   2. GPU benchmarks: LM presets' training throughput (jrt first), the state-space scans,
+#      linear attention (vs SDPA and fla). benchmarks/attention_gpu.py,
+#      benchmarks/selective_scan_launch_gpu.py and a short `memzoo train --config
+#      configs/hydra-tiny.yaml` run are the other GPU checks.
 # Logs and result tables go to $OUT (default /tmp/memzoo-gpu). Optional wheels in .whl/
 # (e.g. flash-linear-attention for its baseline rows) are installed to /tmp/site first.
 #
@@ -35,16 +36,16 @@ kernel_tests=(tests/kernels --ignore=tests/kernels/test_aot.py -q -p no:randomly
 step 170 kernel-tests.log env MEMZOO_TEST_DEVICE=cuda python3 -m pytest "${kernel_tests[@]}"
 
 {
-    step 50 linear.log python3 benchmarks/linear_attn_gpu.py --repeats 10
-    step 30 jrt.log env CUDA_LAUNCH_BLOCKING=1 python3 benchmarks/lm_presets.py --device cuda \
-        --batch 8 --seq-len 1024 --steps 2 --presets jrt
+    # jrt first, with launch blocking: an illegal access then names the kernel that made it.
+    step 40 jrt.log env CUDA_LAUNCH_BLOCKING=1 python3 benchmarks/lm_presets.py --device cuda \
+        --batch 8 --seq-len 1024 --steps 2 --presets jrt based --train-sizes tiny 125m
+    step 40 scans.log python3 benchmarks/scans_gpu.py --lengths 2048 8192 16384 --repeats 5
+    step 90 linear.log python3 benchmarks/linear_attn_gpu.py --repeats 10
     step 70 presets.log python3 benchmarks/lm_presets.py --device cuda --batch 8 --seq-len 1024 \
-        --steps 3 --presets hydra memmamba mom mamba mamba2 --train-sizes tiny 125m
-    step 30 launch.log python3 benchmarks/selective_scan_launch_gpu.py --lengths 8192 \
-        --variants 8,32,4,8 16,16,4,8 8,64,4,8 16,32,8,8 8,32,8,8
+        --steps 3 --presets transformer hydra memmamba mom mamba mamba2 --train-sizes tiny 125m
 } >"$OUT/benchmarks.log" 2>&1
 cat "$OUT/benchmarks.log"
-for log in linear jrt presets launch; do
+for log in jrt scans linear presets; do
     cat "$OUT/$log.log" >>"$OUT/all-benchmarks.log" 2>/dev/null && rm -f "$OUT/$log.log"
 done
 tar czf "$OUT/results.tgz" benchmarks/results
