@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import resource
 import subprocess
 import sys
@@ -14,6 +15,16 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).parent / "results"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+# The LM presets: configs/<preset>-tiny.yaml and configs/<preset>-125m.yaml.
+PRESETS = ("transformer", "based", "mamba", "mamba2", "jrt", "hydra", "memmamba", "mom")
+
+
+def device_description(device: str) -> str:
+    """What a result table says it ran on: the GPU's name, or the CPU and its torch threads."""
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"CPU {platform.machine()}, {torch.get_num_threads()} threads"
 
 
 def cuda_time_ms(fn, repeats: int) -> float:

@@ -11,19 +11,14 @@ final length. fp32, batch 1, under inference_mode. Writes results/decode-<device
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
-from common import slug, write_result
+from common import CONFIGS, PRESETS, device_description, slug, write_result
 
 from memzoo.models.config import load_config
 from memzoo.models.lm import LM
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-PRESETS = ("transformer", "based", "mamba", "mamba2", "jrt", "hydra", "memmamba", "mom")
 
 
 @torch.inference_mode()
@@ -51,10 +46,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = parser.parse_args()
     torch.manual_seed(0)
-    if args.device == "cuda":
-        where = torch.cuda.get_device_name()
-    else:
-        where = f"CPU {platform.machine()}, {torch.get_num_threads()} threads"
+    where = device_description(args.device)
     lines = [
         f"# Decode cost per token on {where}",
         "",

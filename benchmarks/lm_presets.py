@@ -11,18 +11,14 @@ tokens/s on this machine's CPU (fp32; or on CUDA with --device cuda, bf16 autoca
 from __future__ import annotations
 
 import argparse
-import platform
 import time
-from pathlib import Path
 
 import torch
-from common import slug, write_result
+from common import CONFIGS, PRESETS, device_description, slug, write_result
 
 from memzoo.models.config import load_config
 from memzoo.models.lm import LM
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-PRESETS = ("transformer", "based", "mamba", "mamba2", "jrt", "hydra", "memmamba", "mom")
 STATE_LENGTHS = (1024, 8192)
 
 
@@ -66,10 +62,7 @@ def main() -> None:
     )  # fmt: skip
     args = parser.parse_args()
     torch.manual_seed(0)
-    if args.device == "cuda":
-        where = torch.cuda.get_device_name()
-    else:
-        where = f"CPU {platform.machine()}, {torch.get_num_threads()} threads"
+    where = device_description(args.device)
     lines = [
         f"# LM presets on {where}",
         "",
