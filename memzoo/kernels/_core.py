@@ -346,9 +346,15 @@ def aot_signature(kernel: Any, constexprs: dict[str, Any], types: dict[str, str]
     parameters = inspect.signature(getattr(kernel, "fn", kernel)).parameters
     return {
         name: types.get(name, "*fp32" if name.endswith("_ptr") else "i32")
-        for name in parameters
-        if name not in constexprs and name != "DOT"
+        for name, parameter in parameters.items()
+        if name not in constexprs and not _is_constexpr(parameter)
     }
+
+
+def _is_constexpr(parameter: inspect.Parameter) -> bool:
+    """Whether a kernel argument is annotated `tl.constexpr` (as a string or the object)."""
+    annotation = parameter.annotation
+    return "constexpr" in (annotation if isinstance(annotation, str) else repr(annotation))
 
 
 def register_aot(spec: AotSpec) -> None:
