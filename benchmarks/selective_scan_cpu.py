@@ -2,9 +2,9 @@
 
 Inputs are a Mamba block's: softplus(delta + delta_bias), A = -exp(A_log) with S4D-real
 values (-1 .. -N), B and C shared by all channels (G = 1), the D skip, the silu(z) gate and
-the final state. The forward times of the chunked path and of the recurrence come from one
-fresh process that alternates between them, so that a noisy machine slows both alike and
-their ratio holds. Memory is measured in further fresh processes, one per implementation,
+the final state. The forward times of the chunked path and of the recurrence come from fresh
+processes (--rounds) that each alternate between them, so that a noisy machine slows both
+alike and each process's ratio holds; the speed-up is the median of those ratios. Memory is measured in further fresh processes, one per implementation,
 which allocate their inputs, record their peak RSS (ru_maxrss) as the baseline, then run: the
 memory columns are the growth of the peak above that baseline, under the default allocator
 and again (in another fresh process, one run) with glibc's mmap threshold pinned at 64 KiB,
@@ -107,8 +107,8 @@ def _worker(impl: str, T: int, args: argparse.Namespace) -> dict:
     return {**row, "ms": _median(times), "peak_mib": peak_rss_mib() - baseline}
 
 
-def _median(times: list[float]) -> float:
-    return sorted(times)[len(times) // 2]
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
 
 
 def _command(impl: str, T: int, args: argparse.Namespace, repeats: int) -> list[str]:
@@ -133,33 +133,49 @@ def _command(impl: str, T: int, args: argparse.Namespace, repeats: int) -> list[
 
 
 def _measure(T: int, args: argparse.Namespace) -> list[dict]:
-    """The rows of one length: forward times from one process, memory from one per impl."""
+    """The rows of one length: forward times from `args.rounds` processes (medians of their
+    medians; the speed-up is the median of each process's own ratio, with its range), memory
+    from one process per impl."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     command = _command(FORWARD_PAIR, T, args, args.repeats)
-    result = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
-    pair = json.loads(result.stdout)
+    pairs = [
+        json.loads(
+            subprocess.run(command, capture_output=True, text=True, check=True, env=env).stdout
+        )
+        for _ in range(args.rounds)
+    ]
+    ratios = [p["recurrent_ms"] / p["chunk_ms"] for p in pairs]
     rows = []
     for impl in IMPLS:
         # Forward rows only need the memory here: one call each.
         repeats = args.repeats if impl == "chunk fwd+bwd" else 1
         row = measure_in_subprocesses(partial(_command, impl, T, args), repeats)
         if impl != "chunk fwd+bwd":
-            row["ms"] = pair[f"{impl}_ms"]
+            row["ms"] = _median([p[f"{impl}_ms"] for p in pairs])
+        if impl == "chunk":
+            row["speedup"] = (_median(ratios), min(ratios), max(ratios))
         rows.append({"T": T, "impl": impl, **row})
     return rows
 
 
 def write_table(rows: list[dict], args: argparse.Namespace, command: str) -> Path:
-    forward = {(r["T"], r["impl"]): r["ms"] for r in rows}
+    block = rows[0]["block_size"]
+    block = (
+        "block_size=None: one block, a token loop, when a token's states are wide enough, as here"
+        if block is None
+        else f"block_size={block}"
+    )
     lines = [
         f"# selective_scan on CPU {platform.machine()} ({rows[0]['threads']} threads)",
         "",
         f"B={args.batch}, Dm={args.dim}, N={args.state}, G=1, fp32, with delta_bias + softplus, "
-        f"D, z and the final state; median of {args.repeats} runs ({args.recurrent_repeats} "
-        f"for the recurrence, alternating with the chunked calls in the same process); torch "
-        f"{rows[0]['torch']}. 'chunk' is the CPU path "
-        f"(`selective_scan_chunk_ref`, chunk_size={rows[0]['chunk_size']}, "
-        f"block_size={rows[0]['block_size']}), 'recurrent' the token-by-token oracle "
+        f"D, z and the final state; torch {rows[0]['torch']}. Forward times: {args.rounds} fresh "
+        f"processes, each the median of {args.repeats} runs ({args.recurrent_repeats} for the "
+        "recurrence, alternating with the chunked calls in the same process, so that a busy "
+        "machine slows both alike); the table gives the median over processes, and the "
+        "speed-up is the median of each process's own ratio, [min-max] over processes. "
+        f"'chunk' is the CPU path (`selective_scan_chunk_ref`, chunk_size="
+        f"{rows[0]['chunk_size']}, {block}), 'recurrent' the token-by-token oracle "
         "(`selective_scan_recurrent_ref`). Memory: peak RSS growth during the call, measured "
         "in a fresh process after the inputs are allocated, under the default allocator and "
         "with glibc's mmap threshold pinned at 64 KiB (no heap fragmentation: what the "
@@ -172,8 +188,10 @@ def write_table(rows: list[dict], args: argparse.Namespace, command: str) -> Pat
         "|---:|---|---:|---:|---:|---:|",
     ]
     for r in rows:
-        ratio = forward.get((r["T"], "recurrent"), float("nan")) / r["ms"]
-        speedup = "" if r["impl"] == "chunk fwd+bwd" else f"{ratio:.1f}x"
+        speedup = {"chunk": "", "recurrent": "1.0x", "chunk fwd+bwd": ""}[r["impl"]]
+        if "speedup" in r:
+            mid, low, high = r["speedup"]
+            speedup = f"{mid:.1f}x [{low:.1f}-{high:.1f}]"
         lines.append(
             f"| {r['T']} | {r['impl']} | {r['ms']:.1f} | {r['peak_mib']:.1f} "
             f"| {r['peak_mmap_mib']:.1f} | {speedup} |"
@@ -189,6 +207,9 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096])
     parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--recurrent-repeats", type=int, default=7)
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="fresh processes that time the forward pair"
+    )
     parser.add_argument("--worker", choices=(*IMPLS, FORWARD_PAIR), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -198,7 +219,8 @@ def main() -> None:
     command = (
         f"python benchmarks/selective_scan_cpu.py --batch {args.batch} --dim {args.dim} "
         f"--state {args.state} --lengths {' '.join(map(str, args.lengths))} "
-        f"--repeats {args.repeats} --recurrent-repeats {args.recurrent_repeats}"
+        f"--repeats {args.repeats} --recurrent-repeats {args.recurrent_repeats} "
+        f"--rounds {args.rounds}"
     )
     print(command)
     rows = []

@@ -8,6 +8,7 @@ import torch
 from memzoo.kernels import selective_scan, selective_state_update
 from memzoo.kernels._core import BackendUnavailableError, registered_ops
 from memzoo.kernels.selective_scan.reference import (
+    _blocks_per_chunk,
     selective_scan_chunk_ref,
     selective_scan_recurrent_ref,
 )
@@ -133,6 +134,63 @@ def test_chunk_inference_path_equals_autograd_path(packed):
             y, final = selective_scan_chunk_ref(**inputs, **kwargs, block_size=8)
             assert_close("y", y_grad.detach(), y, F64)
             assert_close("final", final_grad.detach(), final, F64)
+
+
+def test_block_count_rule():
+    """Wide states scan token by token without autograd, narrow ones in blocks side by side
+    (never more than sqrt(2L)); autograd takes blocks of 8 tokens; an explicit size wins."""
+    assert _blocks_per_chunk(64, 512 * 16, None, autograd=False) == 1
+    assert _blocks_per_chunk(64, 8 * 256, None, autograd=False) == 4
+    assert _blocks_per_chunk(64, 80, None, autograd=False) == round(math.sqrt(128))
+    assert _blocks_per_chunk(64, 512 * 16, None, autograd=True) == 8
+    assert _blocks_per_chunk(5, 80, None, autograd=True) == 1
+    assert _blocks_per_chunk(64, 80, 16, autograd=False) == 4
+    assert _blocks_per_chunk(100, 80, 7, autograd=True) == 15
+
+
+@pytest.mark.parametrize("Dm,N", [(20, 4), (256, 16)], ids=["narrow-blocks", "wide-token-loop"])
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+def test_default_block_sizes_with_and_without_autograd(Dm, N, packed):
+    """The defaults: narrow states take blocks, wide ones the token loop that writes y over
+    its dt buffer; both, and the autograd path, equal the recurrence, and leave inputs as
+    they were."""
+    lengths = [37, 70, 5] if packed else None
+    cu = None if lengths is None else cu_seqlens_from_lengths(lengths)
+    Bsz, T = (1, sum(lengths)) if packed else (2, 100)
+    inputs, flags = make_inputs(Bsz, T, Dm, N, 2, seed=22, num_seqs=None if cu is None else 3)
+    before = {k: t.clone() for k, t in inputs.items() if t is not None}
+    kwargs = {**flags, "output_final_state": True, "cu_seqlens": cu}
+    y_ref, final_ref = selective_scan_recurrent_ref(**inputs, **kwargs)
+    kwargs["chunk_size"] = 32
+    with torch.inference_mode():
+        y, final = selective_scan_chunk_ref(**inputs, **kwargs)
+    assert_close("y", y_ref, y, F64)
+    assert_close("final", final_ref, final, F64)
+    y_grad, final_grad = selective_scan_chunk_ref(**leaves_of(inputs), **kwargs)
+    assert y_grad.requires_grad
+    assert_close("y (autograd)", y_ref, y_grad.detach(), F64)
+    assert_close("final (autograd)", final_ref, final_grad.detach(), F64)
+    assert all(torch.equal(inputs[k], t) for k, t in before.items())
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "autograd"])
+def test_non_contiguous_inputs(grad):
+    """u, delta, z as slices of one projection (as a Mamba layer makes them), B and C as
+    transposed views."""
+    Bsz, T, Dm, N, G = 2, 50, 24, 4, 2
+    inputs, flags = make_inputs(Bsz, T, Dm, N, G, seed=23)
+    fused = torch.cat([inputs["u"], inputs["delta"], inputs["z"]], dim=-1)
+    strided = dict(inputs)
+    strided["u"], strided["delta"], strided["z"] = fused.split(Dm, dim=-1)
+    for name in ("B", "C"):
+        strided[name] = inputs[name].transpose(0, 1).contiguous().transpose(0, 1)
+    assert not any(strided[k].is_contiguous() for k in ("u", "delta", "z", "B", "C"))
+    y_ref, final_ref = selective_scan_recurrent_ref(**inputs, **flags, output_final_state=True)
+    with torch.set_grad_enabled(grad):
+        args = leaves_of(strided) if grad else strided
+        y, final = selective_scan_chunk_ref(**args, **flags, output_final_state=True)
+    assert_close("y", y_ref, y.detach(), F64)
+    assert_close("final", final_ref, final.detach(), F64)
 
 
 def test_math_matches_an_explicit_loop():

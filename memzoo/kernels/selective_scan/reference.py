@@ -7,7 +7,8 @@ Per channel d (of group g = d // (Dm / G)) and state n, with delta = softplus(de
 Two forms, checked against each other in tests:
 - `selective_scan_recurrent_ref`: token by token through `selective_state_update_ref`.
 - `selective_scan_chunk_ref`: the CPU path. Chunks of C tokens run one after another; inside
-  a chunk, its C / c blocks of c tokens are scanned side by side (see `_scan_chunk`).
+  a chunk, its C / c blocks of c tokens are scanned side by side (see `_scan_chunk`), or, for
+  states wide enough, token by token over pairs computed for the whole chunk at once.
   Memory O(C Dm N) per chunk, differentiable by autograd.
 All compute in fp32 (fp64 for fp64 inputs); y comes back in u's dtype, states in fp32 (fp64).
 """
@@ -132,68 +133,98 @@ def selective_scan_recurrent_ref(
 # Chunked form
 # --------------------------------------------------------------------------------------
 
+# Without autograd, a step op inside a chunk should cover at least this many floats: below it,
+# the cost of launching an op outweighs its work (see `_blocks_per_chunk`).
+_MIN_STEP_NUMEL = 8192
+# With autograd, blocks of this many tokens: every step op then also records a graph node and
+# runs its own backward, so fewer, wider steps pay even for a narrow chunk.
+_AUTOGRAD_BLOCK = 8
 
-def _step_pairs(
-    dt: torch.Tensor,
-    x: torch.Tensor,
-    B: torch.Tensor,
-    A: torch.Tensor,
-    workspace: tuple[torch.Tensor, torch.Tensor] | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The pairs of every step, a = 2^(dt A) and bx = B x, `[b, S, c, G, N, P]`, one op each
-    (their backward too): dt, x `[b, S, c, G, P]`, B `[b, S, c, G, N]`, A `[G, N, P]`.
 
-    With a workspace (no autograd) they are written into its two flat buffers: a fresh
-    chunk-sized tensor per chunk is a large allocation that the allocator may hand back to
-    the system and fault in again, page by page, for the next chunk.
+def _blocks_per_chunk(L: int, width: int, block_size: int | None, autograd: bool) -> int:
+    """How many blocks S a chunk of L tokens is scanned in, `width` floats of state per token.
+
+    A chunk costs about 2c + S step ops of S * width floats each (c = L / S tokens per block),
+    and S > 1 reads the chunk's step pairs twice. S = 1, a plain token loop, makes the fewest
+    passes over memory, and is the choice without autograd whenever one token's states are wide
+    enough to keep an op busy; narrower states take S blocks side by side, up to sqrt(2L), where
+    2c + S is smallest. With autograd, blocks of `_AUTOGRAD_BLOCK` tokens.
     """
-    if workspace is None:
-        # exp2_ in place on the fresh product: mul's backward needs only its inputs.
-        return (dt[..., None, :] * A).exp2_(), B[..., None] * x[..., None, :]
-    shape = (*dt.shape[:-1], A.shape[1], dt.shape[-1])
-    a, bx = (w[: math.prod(shape)].view(shape) for w in workspace)
-    torch.mul(dt[..., None, :], A, out=a).exp2_()
-    torch.mul(B[..., None], x[..., None, :], out=bx)
-    return a, bx
+    if block_size is None and autograd:
+        block_size = _AUTOGRAD_BLOCK
+    if block_size is not None:
+        return -(-L // min(block_size, L))
+    wanted = -(-_MIN_STEP_NUMEL // max(width, 1))
+    return max(1, min(wanted, round(math.sqrt(2 * L)), L))
+
+
+class _Workspace:
+    """The two flat buffers every chunk reuses when nothing needs autograd, and their views.
+
+    A fresh chunk-sized tensor per chunk is a large allocation that the allocator may hand back
+    to the system and fault in again, page by page, for the next chunk; and the per-step views
+    of a chunk's pairs cost a Python call each, so they are made once per chunk shape.
+    """
+
+    def __init__(self, numel: int, like: torch.Tensor, dtype: torch.dtype):
+        self.buffers = tuple(like.new_empty(numel, dtype=dtype) for _ in range(2))
+        self._views: dict[tuple[int, ...], tuple] = {}
+
+    def pairs(self, shape: tuple[int, ...]) -> tuple:
+        """(a, bx, a_steps, bx_steps): the two buffers as `shape` = `[b, S, c, G, N, P]`,
+        and their c steps `[b, S, G, N, P]` each."""
+        if shape not in self._views:
+            a, bx = (w[: math.prod(shape)].view(shape) for w in self.buffers)
+            self._views[shape] = (a, bx, a.unbind(2), bx.unbind(2))
+        return self._views[shape]
 
 
 def _scan_chunk(
     dt: torch.Tensor,
-    x: torch.Tensor,
+    u: torch.Tensor,
     B: torch.Tensor,
     C: torch.Tensor,
     A: torch.Tensor,
     h: torch.Tensor,
-    block_size: int,
-    workspace: tuple[torch.Tensor, torch.Tensor] | None,
+    num_blocks: int,
+    workspace: _Workspace | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One chunk of b sequences: dt, x = dt u `[b, L, G, P]`; B, C `[b, L, G, N]`;
+    """One chunk of b sequences: dt, u `[b, L, G, P]`; B, C `[b, L, G, N]`;
     A `[G, N, P]` in log2 units (A log2(e)); h `[b, G, N, P]` the states entering the chunk;
-    workspace None (autograd) or two flat buffers of at least b L G N P floats (block-padded L).
+    workspace None (autograd) or one holding at least b L G N P floats (block-padded L).
 
-    The chunk is S blocks of c tokens, scanned side by side: every step op works on step j of
-    all S blocks at once, so a chunk costs 2c + S step ops instead of L. Pass 1 scans each block
-    from a zero state, pass 2 carries the states from block to block with each block's total
-    decay, pass 3 scans each block again from its true entering state, keeping every state, and
-    one batched matmul reads out y_j = C_j h_j for the whole chunk. States are state-major,
-    `[N, P]` per group: channels are the contiguous axis, so every op runs over P-wide rows and
-    the readout is a `[1, N] @ [N, P]` product per token. Tensors stay in time order
-    `[b, S, c, ...]`: step j of all blocks is S runs of G N P contiguous floats, as fast to
-    work on as one, and no input or output needs a transposed copy.
-    Returns the scan output sum_n C h `[b, L, G, P]` and the states leaving the chunk.
+    The chunk is S = num_blocks blocks of c tokens, scanned side by side: every step op works on
+    step j of all S blocks at once, so a chunk costs 2c + S step ops instead of L (with S = 1,
+    L ops and one pass). Pass 1 scans each block from a zero state, pass 2 carries the states
+    from block to block with each block's total decay, pass 3 scans each block again from its
+    true entering state, keeping every state, and one batched matmul reads out y_j = C_j h_j for
+    the whole chunk. States are state-major, `[N, P]` per group: channels are the contiguous
+    axis, so every op runs over P-wide rows and the readout is a `[1, N] @ [N, P]` product per
+    token. Tensors stay in time order `[b, S, c, ...]`: step j of all blocks is S runs of G N P
+    contiguous floats, as fast to work on as one, and no input or output needs a transposed
+    copy. Returns the scan output sum_n C h `[b, L, G, P]` and the states leaving the chunk.
     """
     b, L, G, P = dt.shape
-    c = min(block_size, L)
-    S = -(-L // c)
+    N = B.shape[-1]
+    S = num_blocks
+    c = -(-L // S)
+    x = dt * u
     pad = S * c - L
     if pad:
         # dt = 0 and x = 0 is the identity step (decay 1, no input): padding leaves h as it was.
         dt, x, B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (dt, x, B, C))
     dt, x = dt.view(b, S, c, G, P), x.view(b, S, c, G, P)
-    B, C = B.view(b, S, c, G, -1), C.view(b, S, c, G, -1)
-    a, bx = _step_pairs(dt, x, B, A, workspace)
-    # unbind, not [:, :, j]: under autograd its backward is one stack, not c zero-filled grads.
-    a_steps, bx_steps = a.unbind(2), bx.unbind(2)
+    B, C = B.view(b, S, c, G, N), C.view(b, S, c, G, N)
+    if workspace is None:
+        # The pairs of every step, a = 2^(dt A) and bx = B x, one op each (their backward too);
+        # exp2_ in place on the fresh product: mul's backward needs only its inputs. unbind,
+        # not [:, :, j]: under autograd its backward is one stack, not c zero-filled grads.
+        a, bx = (dt[..., None, :] * A).exp2_(), B[..., None] * x[..., None, :]
+        a_steps, bx_steps = a.unbind(2), bx.unbind(2)
+    else:
+        a, bx, a_steps, bx_steps = workspace.pairs((b, S, c, G, N, P))
+        torch.mul(dt[..., None, :], A, out=a).exp2_()
+        torch.mul(B[..., None], x[..., None, :], out=bx)
 
     if S > 1:
         # 1. Each block from a zero state up to its last token (without autograd, in one
@@ -216,61 +247,27 @@ def _scan_chunk(
     # 3. Every block again from its true entering state, keeping every state. Without
     # autograd, state j overwrites bx_j, read for the last time (autograd could not go
     # through in-place updates of a buffer it saved parts of).
-    hs = []
-    for a_j, b_j in zip(a_steps, bx_steps, strict=True):
-        h_run = torch.addcmul(b_j, a_j, h_run, out=None if workspace is None else b_j)
-        hs.append(h_run)
-    states = torch.stack(hs, dim=2) if workspace is None else bx
+    if workspace is None:
+        hs = []
+        for a_j, b_j in zip(a_steps, bx_steps, strict=True):
+            h_run = torch.addcmul(b_j, a_j, h_run)
+            hs.append(h_run)
+        states = torch.stack(hs, dim=2)
+    else:
+        for a_j, b_j in zip(a_steps, bx_steps, strict=True):
+            h_run = b_j.addcmul_(a_j, h_run)
+        states = bx
     if S == 1:
         h = h_run[:, 0].clone()  # a copy: the next chunk overwrites the workspace
-    y = C[..., None, :] @ states  # y_j = C_j h_j for the whole chunk: [b, S, c, G, 1, P]
+    # y_j = C_j h_j for the whole chunk, one [1, N] @ [N, P] product per token and group.
+    y = torch.bmm(C.reshape(-1, 1, N), states.view(-1, N, P))
     return y.view(b, S * c, G, P)[:, :L], h
-
-
-def _chunk(
-    u: torch.Tensor,
-    delta: torch.Tensor,
-    z: torch.Tensor | None,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    valid: torch.Tensor | None,
-    A: torch.Tensor,
-    h: torch.Tensor,
-    D: torch.Tensor | None,
-    delta_bias: torch.Tensor | None,
-    delta_softplus: bool,
-    block_size: int,
-    workspace: tuple[torch.Tensor, torch.Tensor] | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The whole op on one chunk: u, delta, z `[b, L, Dm]`, B, C `[b, L, G, N]`, `valid`
-    `[b, L, 1]` (False on padding) or None; A `[G, N, P]` in log2 units; h `[b, G, N, P]`;
-    workspace as in `_scan_chunk`.
-
-    The per-token ops run here, on chunk-sized tensors that stay in cache, rather than on
-    whole-sequence ones. Returns y `[b, L, Dm]` in u's dtype and the states leaving the chunk.
-    """
-    dtype = A.dtype
-    b, L, Dm = u.shape
-    G = B.shape[2]
-    u_ = u.to(dtype)
-    dt = _effective_delta(delta.to(dtype), delta_bias, delta_softplus)
-    if valid is not None:
-        dt = dt * valid
-    y, h = _scan_chunk(
-        dt.view(b, L, G, Dm // G),
-        (dt * u_).view(b, L, G, Dm // G),
-        B.to(dtype),
-        C.to(dtype),
-        A,
-        h,
-        block_size,
-        workspace,
-    )
-    return _skip_and_gate(y.reshape(b, L, Dm), u_, D, z).to(u.dtype), h
 
 
 class _DenseChunks:
     """B sequences of T tokens, cut along time into chunks of `chunk` tokens (the last ragged)."""
+
+    splits_into_views = True  # a chunk of a split is a view of the whole
 
     def __init__(self, Bsz: int, T: int, chunk_size: int):
         self.chunk = max(1, min(chunk_size, T))
@@ -280,10 +277,6 @@ class _DenseChunks:
     def split(self, x: torch.Tensor) -> list[torch.Tensor]:
         """`[B, T, ...]` -> chunk after chunk `[B, L, ...]` (split: its backward is one cat)."""
         return list(x.split(self.chunk, dim=1)) if self.active else []
-
-    def valid(self) -> list[None]:
-        """Every row of every chunk is a token: no masks."""
-        return [None] * len(self.active)
 
     def merge(self, ys: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat(ys, dim=1)
@@ -295,9 +288,11 @@ class _PackedChunks:
 
     Sequences are sorted by length, longest first, so the ones still running at step k are a
     prefix of `active[k]` sequences. Each step gathers `[active[k], chunk]` tokens from the
-    packed rows; positions past a sequence's end read an appended zero row and are masked
-    to dt = 0, the identity step. Outputs come back through one index_select.
+    packed rows; positions past a sequence's end read an appended zero row: dt = 0 and x = 0,
+    the identity step. Outputs come back through one index_select.
     """
+
+    splits_into_views = False
 
     def __init__(self, lengths: list[int], chunk_size: int, device: torch.device):
         lens = torch.tensor(lengths, dtype=torch.int64)
@@ -317,7 +312,6 @@ class _PackedChunks:
         index = torch.where(pos < lens[seq][:, None], starts[seq][:, None] + pos, total)
         self.gather = index.flatten().to(device)
         self.sizes = [a * L for a in self.active]
-        self._valid = (index < total).to(device)[..., None].split(self.active)
 
         # Where packed token i lands in the concatenated outputs of all steps.
         token_seq = torch.repeat_interleave(torch.arange(lens.numel()), lens)
@@ -336,10 +330,6 @@ class _PackedChunks:
         rows = torch.cat([x[0], x.new_zeros(1, *x.shape[2:])])
         gathered = rows.index_select(0, self.gather).split(self.sizes)
         return [g.view(-1, self.chunk, *x.shape[2:]) for g in gathered]
-
-    def valid(self) -> list[torch.Tensor]:
-        """Per step, `[active[k], chunk, 1]`: True where the row is a token, not padding."""
-        return list(self._valid)
 
     def merge(self, ys: list[torch.Tensor]) -> torch.Tensor:
         flat = torch.cat([y.flatten(0, 1) for y in ys])
@@ -360,23 +350,24 @@ def selective_scan_chunk_ref(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
-    chunk_size: int = 128,
-    block_size: int = 16,
+    chunk_size: int = 64,
+    block_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunked form, the CPU path: u, delta, z `[B, T, Dm]`, B, C `[B, T, G, N]`.
 
     Chunks of `chunk_size` tokens run one after another, carrying the states; inside a chunk,
-    blocks of `block_size` tokens are scanned at once (see `_scan_chunk`). cu_seqlens (int32
-    `[N_seq + 1]`, B == 1) packs sequences along T; it is read on the host.
+    blocks of `block_size` tokens are scanned at once (see `_scan_chunk`; None picks the block
+    count from the state width, see `_blocks_per_chunk`). cu_seqlens (int32 `[N_seq + 1]`,
+    B == 1) packs sequences along T; it is read on the host.
     Returns y `[B, T, Dm]` and the final state `[N_seq, Dm, N]` (None unless asked).
 
-    Memory: O(T Dm) for inputs and outputs plus O(chunk_size Dm N) for one chunk: without
-    autograd, one workspace that every chunk reuses; with it, each chunk is checkpointed: the
-    forward keeps only the states entering each chunk, and the backward recomputes one chunk at
-    a time.
+    softplus, the D skip and the silu gate run once on whole-sequence tensors, where the ops
+    are wide enough to use every thread. Memory: O(T Dm) for those plus O(chunk_size Dm N) for one chunk: without autograd, one
+    workspace that every chunk reuses; with it, each chunk's scan is checkpointed: the forward
+    keeps only the states entering each chunk, and the backward recomputes one chunk at a time.
     """
     for name, value in (("chunk_size", chunk_size), ("block_size", block_size)):
-        if value < 1:
+        if value is not None and value < 1:
             raise ValueError(f"selective_scan_chunk_ref: {name} must be >= 1, got {value}")
     dtype = _compute_dtype(u, delta, A, B, C)
     Bsz, T, Dm = u.shape
@@ -399,39 +390,65 @@ def selective_scan_chunk_ref(
         h = initial_state.to(dtype).view(num_seqs, G, P, N).transpose(2, 3)
     if layout.order is not None:
         h = h[layout.order]
+    if not layout.active:
+        y = u.new_zeros(Bsz, T, Dm)
+        return y, (h.transpose(2, 3).reshape(num_seqs, Dm, N) if output_final_state else None)
 
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad
         for t in (u, delta, A, B, C, D, z, delta_bias, initial_state)
     )
+    # The per-token ops before and after the scan run once on the whole sequence, where they
+    # are wide enough to use every thread.
+    u_ = u.to(dtype)
+    if needs_grad:
+        dt = _effective_delta(delta.to(dtype), delta_bias, delta_softplus)
+    else:
+        # Without autograd this buffer becomes y: chunk k's output overwrites chunk k's dt once
+        # the scan has read it. Each fresh sequence-sized tensor is an allocation that may come
+        # from the system page by page, at a cost like that of the op that fills it.
+        dt = delta.to(dtype, memory_format=torch.contiguous_format, copy=True)
+        if delta_bias is not None:
+            dt += delta_bias.to(dtype)
+        if delta_softplus:
+            torch.ops.aten.softplus.out(dt, 1, 20, out=dt)
+    write_back = not needs_grad and layout.splits_into_views
+    L = layout.chunk
+    S = _blocks_per_chunk(L, layout.active[0] * Dm * N, block_size, needs_grad)
     workspace = None
-    if not needs_grad and layout.active:
+    if not needs_grad:
         # Shared by the chunks: the first is the largest (most sequences, the full length).
-        c = min(block_size, layout.chunk)
-        numel = layout.active[0] * -(-layout.chunk // c) * c * Dm * N
-        workspace = (u.new_empty(numel, dtype=dtype), u.new_empty(numel, dtype=dtype))
-    no_z = [None] * len(layout.active)
+        workspace = _Workspace(layout.active[0] * -(-L // S) * S * Dm * N, u, dtype)
     pieces = zip(
         layout.active,
-        layout.split(u),
-        layout.split(delta),
-        no_z if z is None else layout.split(z),
-        layout.split(B),
-        layout.split(C),
-        layout.valid(),
+        layout.split(dt.reshape(Bsz, T, G, P)),
+        layout.split(u_.reshape(Bsz, T, G, P)),
+        layout.split(B.to(dtype)),
+        layout.split(C.to(dtype)),
         strict=True,
     )
     ys = []
-    for active, *chunk_inputs in pieces:
+    for active, dt_k, *chunk_inputs in pieces:
         h_k = h if active == h.shape[0] else h[:active]
-        args = (*chunk_inputs, A2, h_k, D, delta_bias, delta_softplus, block_size, workspace)
+        args = (dt_k, *chunk_inputs, A2, h_k, S, workspace)
         if needs_grad:
-            y_k, h_k = checkpoint(_chunk, *args, use_reentrant=False)
+            y_k, h_k = checkpoint(_scan_chunk, *args, use_reentrant=False)
         else:
-            y_k, h_k = _chunk(*args)
+            y_k, h_k = _scan_chunk(*args)
         h = h_k if active == h.shape[0] else torch.cat([h_k, h[active:]])
-        ys.append(y_k)
-    y = layout.merge(ys).reshape(Bsz, T, Dm) if ys else u.new_zeros(Bsz, T, Dm)
+        if write_back:
+            dt_k.copy_(y_k)
+        else:
+            ys.append(y_k)
+    y = dt.view(Bsz, T, Dm) if write_back else layout.merge(ys).reshape(Bsz, T, Dm)
+    if needs_grad:
+        y = _skip_and_gate(y, u_, D, z)
+    else:  # y is a buffer of our own: the same ops, in place
+        if D is not None:
+            y.addcmul_(D.to(dtype), u_)
+        if z is not None:
+            y.mul_(F.silu(z.to(dtype)))
+    y = y.to(u.dtype)
     if not output_final_state:
         return y, None
     if layout.unsort is not None:
