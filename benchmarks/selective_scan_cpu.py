@@ -1,16 +1,17 @@
 """CPU time and peak memory of the Mamba-1 selective scan: the chunked path vs token by token.
 
-Inputs are a Mamba block's: softplus(delta + delta_bias), A = -exp(A_log) with S4D-real
-values (-1 .. -N), B and C shared by all channels (G = 1), the D skip, the silu(z) gate and
-the final state. The forward times of the chunked path and of the recurrence come from fresh
-processes (--rounds) that each alternate between them, so that a noisy machine slows both
-alike and each process's ratio holds; the speed-up is the median of those ratios. Memory is measured in further fresh processes, one per implementation,
-which allocate their inputs, record their peak RSS (ru_maxrss) as the baseline, then run: the
-memory columns are the growth of the peak above that baseline, under the default allocator
-and again (in another fresh process, one run) with glibc's mmap threshold pinned at 64 KiB,
-so that every buffer of 64 KiB or more is its own mapping, returned on free: what the
-algorithm holds at its peak. Forward rows run under torch.inference_mode(); "chunk fwd+bwd"
-backpropagates through the chunked path (the CPU training path), timed in its own process.
+Inputs are a Mamba block's: softplus(delta + delta_bias), A = -exp(A_log) with S4D-real values
+(-1 .. -N), B and C shared by all channels (G = 1), the D skip, the silu(z) gate and the final
+state. The forward times of the chunked path and of the recurrence come from fresh processes
+(--rounds) that each alternate between them, so that a noisy machine slows both alike and each
+process's ratio holds; the speed-up is the median of those ratios. Memory is measured in
+further fresh processes, one per implementation, which allocate their inputs, record their
+peak RSS (ru_maxrss) as the baseline, then run: the memory columns are the growth of the peak
+above that baseline, under the default allocator and again (in another fresh process, one run)
+with glibc's mmap threshold pinned at 64 KiB, so that every buffer of 64 KiB or more is its
+own mapping, returned on free: what the algorithm holds at its peak. Forward rows run under
+torch.inference_mode(); "chunk fwd+bwd" backpropagates through the chunked path (the CPU
+training path), timed in its own process.
 Writes benchmarks/results/selective_scan-cpu.md.
 
     python benchmarks/selective_scan_cpu.py [--dim 512] [--state 16] [--lengths 4096]

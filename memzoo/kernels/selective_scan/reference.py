@@ -188,10 +188,12 @@ def _scan_chunk(
     h: torch.Tensor,
     num_blocks: int,
     workspace: _Workspace | None,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One chunk of b sequences: dt, u `[b, L, G, P]`; B, C `[b, L, G, N]`;
     A `[G, N, P]` in log2 units (A log2(e)); h `[b, G, N, P]` the states entering the chunk;
-    workspace None (autograd) or one holding at least b L G N P floats (block-padded L).
+    workspace None (autograd) or one holding at least b L G N P floats (block-padded L);
+    out None or a `[b, L, G, P]` tensor for the output (dt itself may be it: it is read first).
 
     The chunk is S = num_blocks blocks of c tokens, scanned side by side: every step op works on
     step j of all S blocks at once, so a chunk costs 2c + S step ops instead of L (with S = 1,
@@ -229,9 +231,10 @@ def _scan_chunk(
     if S > 1:
         # 1. Each block from a zero state up to its last token (without autograd, in one
         # buffer: a fresh tensor per step costs more than the step).
-        h_block, out = bx_steps[0], None if workspace is None else torch.empty_like(bx_steps[0])
+        h_block = bx_steps[0]
+        buffer = None if workspace is None else torch.empty_like(h_block)
         for a_j, b_j in zip(a_steps[1:], bx_steps[1:], strict=True):
-            h_block = torch.addcmul(b_j, a_j, h_block, out=out)
+            h_block = torch.addcmul(b_j, a_j, h_block, out=buffer)
         # 2. States entering each block, passed block to block with the block's log-space
         # cumulative decay 2^((sum_j dt_j) A) <= 1 for dt >= 0, never a ratio of decays: however
         # large dt |A| gets, nothing overflows and nothing divides by an underflowed product.
@@ -260,8 +263,11 @@ def _scan_chunk(
     if S == 1:
         h = h_run[:, 0].clone()  # a copy: the next chunk overwrites the workspace
     # y_j = C_j h_j for the whole chunk, one [1, N] @ [N, P] product per token and group.
-    y = torch.bmm(C.reshape(-1, 1, N), states.view(-1, N, P))
-    return y.view(b, S * c, G, P)[:, :L], h
+    C, states = C.reshape(-1, 1, N), states.view(-1, N, P)
+    if out is not None and not pad and out.is_contiguous():
+        return torch.bmm(C, states, out=out.view(-1, 1, P)).view(b, L, G, P), h
+    y = torch.bmm(C, states).view(b, S * c, G, P)[:, :L]
+    return (y if out is None else out.copy_(y)), h
 
 
 class _DenseChunks:
@@ -361,10 +367,11 @@ def selective_scan_chunk_ref(
     B == 1) packs sequences along T; it is read on the host.
     Returns y `[B, T, Dm]` and the final state `[N_seq, Dm, N]` (None unless asked).
 
-    softplus, the D skip and the silu gate run once on whole-sequence tensors, where the ops
-    are wide enough to use every thread. Memory: O(T Dm) for those plus O(chunk_size Dm N) for one chunk: without autograd, one
-    workspace that every chunk reuses; with it, each chunk's scan is checkpointed: the forward
-    keeps only the states entering each chunk, and the backward recomputes one chunk at a time.
+    softplus, the D skip and the silu gate run once on whole-sequence tensors, where the ops are
+    wide enough to use every thread. Memory: O(T Dm) for those plus O(chunk_size Dm N) for one
+    chunk: without autograd, one workspace that every chunk reuses; with it, each chunk's scan
+    is checkpointed: the forward keeps only the states entering each chunk, and the backward
+    recomputes one chunk at a time.
     """
     for name, value in (("chunk_size", chunk_size), ("block_size", block_size)):
         if value is not None and value < 1:
@@ -407,9 +414,11 @@ def selective_scan_chunk_ref(
         # Without autograd this buffer becomes y: chunk k's output overwrites chunk k's dt once
         # the scan has read it. Each fresh sequence-sized tensor is an allocation that may come
         # from the system page by page, at a cost like that of the op that fills it.
-        dt = delta.to(dtype, memory_format=torch.contiguous_format, copy=True)
-        if delta_bias is not None:
-            dt += delta_bias.to(dtype)
+        dt = torch.empty_like(delta, dtype=dtype, memory_format=torch.contiguous_format)
+        if delta_bias is None:
+            dt.copy_(delta)
+        else:
+            torch.add(delta, delta_bias, out=dt)
         if delta_softplus:
             torch.ops.aten.softplus.out(dt, 1, 20, out=dt)
     write_back = not needs_grad and layout.splits_into_views
@@ -434,12 +443,9 @@ def selective_scan_chunk_ref(
         if needs_grad:
             y_k, h_k = checkpoint(_scan_chunk, *args, use_reentrant=False)
         else:
-            y_k, h_k = _scan_chunk(*args)
+            y_k, h_k = _scan_chunk(*args, out=dt_k if write_back else None)
         h = h_k if active == h.shape[0] else torch.cat([h_k, h[active:]])
-        if write_back:
-            dt_k.copy_(y_k)
-        else:
-            ys.append(y_k)
+        ys.append(y_k)
     y = dt.view(Bsz, T, Dm) if write_back else layout.merge(ys).reshape(Bsz, T, Dm)
     if needs_grad:
         y = _skip_and_gate(y, u_, D, z)
@@ -447,7 +453,15 @@ def selective_scan_chunk_ref(
         if D is not None:
             y.addcmul_(D.to(dtype), u_)
         if z is not None:
-            y.mul_(F.silu(z.to(dtype)))
+            # silu(z) through the spent workspace, a slice at a time: a fresh sequence-sized
+            # tensor for it would cost about as much as the gate itself.
+            scratch = workspace.buffers[0]
+            rows = scratch.numel() // Dm
+            for y_r, z_r in zip(
+                y.view(-1, Dm).split(rows), z.reshape(-1, Dm).split(rows), strict=True
+            ):
+                gate = scratch[: z_r.numel()].view(z_r.shape)
+                y_r.mul_(torch.ops.aten.silu.out(z_r.to(dtype), out=gate))
     y = y.to(u.dtype)
     if not output_final_state:
         return y, None
