@@ -270,6 +270,26 @@ def _scan_chunk(
     return (y if out is None else out.copy_(y)), h
 
 
+def _gated_chunk(
+    dt: torch.Tensor,
+    u: torch.Tensor,
+    z: torch.Tensor | None,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    A: torch.Tensor,
+    h: torch.Tensor,
+    D: torch.Tensor | None,
+    num_blocks: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_scan_chunk` (autograd, no workspace), then the D skip and the silu gate on the chunk:
+    z `[b, L, Dm]` or None, the rest as there. Checkpointed as a whole, a chunk then keeps
+    nothing sequence-sized for the backward. Returns y `[b, L, Dm]` and the leaving states.
+    """
+    y, h = _scan_chunk(dt, u, B, C, A, h, num_blocks, None)
+    b, L, G, P = y.shape
+    return _skip_and_gate(y.reshape(b, L, G * P), u.reshape(b, L, G * P), D, z), h
+
+
 class _DenseChunks:
     """B sequences of T tokens, cut along time into chunks of `chunk` tokens (the last ragged)."""
 
@@ -367,10 +387,11 @@ def selective_scan_chunk_ref(
     B == 1) packs sequences along T; it is read on the host.
     Returns y `[B, T, Dm]` and the final state `[N_seq, Dm, N]` (None unless asked).
 
-    softplus, the D skip and the silu gate run once on whole-sequence tensors, where the ops are
-    wide enough to use every thread. Memory: O(T Dm) for those plus O(chunk_size Dm N) for one
-    chunk: without autograd, one workspace that every chunk reuses; with it, each chunk's scan
-    is checkpointed: the forward keeps only the states entering each chunk, and the backward
+    softplus runs once on the whole sequence, where the op is wide enough to use every thread;
+    so do the D skip and the silu gate without autograd (with it, they run inside each
+    checkpointed chunk). Memory: O(T Dm) for those plus O(chunk_size Dm N) for one chunk:
+    without autograd, one workspace that every chunk reuses; with it, each chunk is
+    checkpointed: the forward keeps only the states entering each chunk, and the backward
     recomputes one chunk at a time.
     """
     for name, value in (("chunk_size", chunk_size), ("block_size", block_size)):
@@ -428,28 +449,29 @@ def selective_scan_chunk_ref(
     if not needs_grad:
         # Shared by the chunks: the first is the largest (most sequences, the full length).
         workspace = _Workspace(layout.active[0] * -(-L // S) * S * Dm * N, u, dtype)
+    no_z = [None] * len(layout.active)
     pieces = zip(
         layout.active,
         layout.split(dt.reshape(Bsz, T, G, P)),
         layout.split(u_.reshape(Bsz, T, G, P)),
+        no_z if z is None or not needs_grad else layout.split(z.to(dtype)),
         layout.split(B.to(dtype)),
         layout.split(C.to(dtype)),
         strict=True,
     )
     ys = []
-    for active, dt_k, *chunk_inputs in pieces:
+    for active, dt_k, u_k, z_k, B_k, C_k in pieces:
         h_k = h if active == h.shape[0] else h[:active]
-        args = (dt_k, *chunk_inputs, A2, h_k, S, workspace)
         if needs_grad:
-            y_k, h_k = checkpoint(_scan_chunk, *args, use_reentrant=False)
+            args = (dt_k, u_k, z_k, B_k, C_k, A2, h_k, D, S)
+            y_k, h_k = checkpoint(_gated_chunk, *args, use_reentrant=False)
         else:
+            args = (dt_k, u_k, B_k, C_k, A2, h_k, S, workspace)
             y_k, h_k = _scan_chunk(*args, out=dt_k if write_back else None)
         h = h_k if active == h.shape[0] else torch.cat([h_k, h[active:]])
         ys.append(y_k)
     y = dt.view(Bsz, T, Dm) if write_back else layout.merge(ys).reshape(Bsz, T, Dm)
-    if needs_grad:
-        y = _skip_and_gate(y, u_, D, z)
-    else:  # y is a buffer of our own: the same ops, in place
+    if not needs_grad:  # y is a buffer of our own: the skip and gate in place
         if D is not None:
             y.addcmul_(D.to(dtype), u_)
         if z is not None:
