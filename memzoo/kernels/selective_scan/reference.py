@@ -426,8 +426,8 @@ def selective_scan_chunk_ref(
         t is not None and t.requires_grad
         for t in (u, delta, A, B, C, D, z, delta_bias, initial_state)
     )
-    # The per-token ops before and after the scan run once on the whole sequence, where they
-    # are wide enough to use every thread.
+    # softplus runs once on the whole sequence, where the op is wide enough to use every thread
+    # (per chunk, each op would wait for the other threads to wake up).
     u_ = u.to(dtype)
     if needs_grad:
         dt = _effective_delta(delta.to(dtype), delta_bias, delta_softplus)
