@@ -9,6 +9,7 @@ from memzoo.kernels import selective_scan, selective_state_update
 from memzoo.kernels._core import BackendUnavailableError, registered_ops
 from memzoo.kernels.selective_scan.reference import (
     _blocks_per_chunk,
+    _TokenLoop,
     selective_scan_chunk_ref,
     selective_scan_recurrent_ref,
 )
@@ -138,12 +139,11 @@ def test_chunk_inference_path_equals_autograd_path(packed):
 
 def test_block_count_rule():
     """Wide states scan token by token without autograd, narrow ones in blocks side by side
-    (never more than sqrt(2L)); autograd takes blocks of 8 tokens; an explicit size wins."""
+    (never more than sqrt(2L)); autograd takes the token loop; an explicit size wins."""
     assert _blocks_per_chunk(64, 512 * 16, None, autograd=False) == 1
     assert _blocks_per_chunk(64, 8 * 256, None, autograd=False) == 4
     assert _blocks_per_chunk(64, 80, None, autograd=False) == round(math.sqrt(128))
-    assert _blocks_per_chunk(64, 512 * 16, None, autograd=True) == 8
-    assert _blocks_per_chunk(5, 80, None, autograd=True) == 1
+    assert _blocks_per_chunk(64, 80, None, autograd=True) == 1
     assert _blocks_per_chunk(64, 80, 16, autograd=False) == 4
     assert _blocks_per_chunk(100, 80, 7, autograd=True) == 15
 
@@ -171,6 +171,19 @@ def test_default_block_sizes_with_and_without_autograd(Dm, N, packed):
     assert_close("y (autograd)", y_ref, y_grad.detach(), F64)
     assert_close("final (autograd)", final_ref, final_grad.detach(), F64)
     assert all(torch.equal(inputs[k], t) for k, t in before.items())
+
+
+def test_token_loop_backward_gradcheck():
+    """The token loop's own backward (`_TokenLoop`) against finite differences, fp64, every
+    input: dt, u, B, C, A and the entering states, two sequences, two groups."""
+    b, L, G, P, N = 2, 7, 2, 5, 3
+    dt = randn(b, L, G, P, seed=30, dtype=torch.float64).abs() * 0.5
+    u = randn(b, L, G, P, seed=31, dtype=torch.float64)
+    h = randn(b, G, N, P, seed=32, dtype=torch.float64)
+    B, C = (randn(b, L, G, N, seed=s, dtype=torch.float64) for s in (33, 34))
+    A = -randn(G, N, P, seed=35, dtype=torch.float64).abs() * 2
+    inputs = [t.requires_grad_() for t in (dt, u, B, C, A, h)]
+    assert torch.autograd.gradcheck(_TokenLoop.apply, inputs)
 
 
 @pytest.mark.parametrize("grad", [False, True], ids=["inference", "autograd"])
@@ -304,12 +317,13 @@ def test_varlen_equals_per_sequence(form):
     assert torch.equal(final[2], inputs["initial_state"][2])
 
 
-def test_varlen_gradients():
+@pytest.mark.parametrize("block_size", [4, None], ids=["blocks", "token-loop"])
+def test_varlen_gradients(block_size):
     cu = cu_seqlens_from_lengths(LENGTHS)
     inputs, flags = make_inputs(1, sum(LENGTHS), 20, 4, 2, seed=9, num_seqs=len(LENGTHS))
     _, _, grads_ref = forward_and_grads(selective_scan_recurrent_ref, inputs, flags, cu_seqlens=cu)
     _, _, grads = forward_and_grads(
-        selective_scan_chunk_ref, inputs, flags, cu_seqlens=cu, chunk_size=16, block_size=4
+        selective_scan_chunk_ref, inputs, flags, cu_seqlens=cu, chunk_size=16, block_size=block_size
     )
     for name, ref in grads_ref.items():
         assert_close(f"d{name}", ref, grads[name], F64)

@@ -9,7 +9,7 @@ Two forms, checked against each other in tests:
 - `selective_scan_chunk_ref`: the CPU path. Chunks of C tokens run one after another; inside
   a chunk, its C / c blocks of c tokens are scanned side by side (see `_scan_chunk`), or, for
   states wide enough, token by token over pairs computed for the whole chunk at once.
-  Memory O(C Dm N) per chunk, differentiable by autograd.
+  Memory O(C Dm N) per chunk; differentiable, the token loop through a backward of its own.
 All compute in fp32 (fp64 for fp64 inputs); y comes back in u's dtype, states in fp32 (fp64).
 """
 
@@ -19,6 +19,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 
@@ -136,9 +137,6 @@ def selective_scan_recurrent_ref(
 # Without autograd, a step op inside a chunk should cover at least this many floats: below it,
 # the cost of launching an op outweighs its work (see `_blocks_per_chunk`).
 _MIN_STEP_NUMEL = 8192
-# With autograd, blocks of this many tokens: every step op then also records a graph node and
-# runs its own backward, so fewer, wider steps pay even for a narrow chunk.
-_AUTOGRAD_BLOCK = 8
 
 
 def _blocks_per_chunk(L: int, width: int, block_size: int | None, autograd: bool) -> int:
@@ -148,10 +146,11 @@ def _blocks_per_chunk(L: int, width: int, block_size: int | None, autograd: bool
     and S > 1 reads the chunk's step pairs twice. S = 1, a plain token loop, makes the fewest
     passes over memory, and is the choice without autograd whenever one token's states are wide
     enough to keep an op busy; narrower states take S blocks side by side, up to sqrt(2L), where
-    2c + S is smallest. With autograd, blocks of `_AUTOGRAD_BLOCK` tokens.
+    2c + S is smallest. With autograd, S = 1: the token loop has a backward of its own
+    (`_TokenLoop`), where blocks would go through autograd op by op.
     """
     if block_size is None and autograd:
-        block_size = _AUTOGRAD_BLOCK
+        return 1
     if block_size is not None:
         return -(-L // min(block_size, L))
     wanted = -(-_MIN_STEP_NUMEL // max(width, 1))
@@ -270,6 +269,50 @@ def _scan_chunk(
     return (y if out is None else out.copy_(y)), h
 
 
+class _TokenLoop(torch.autograd.Function):
+    """`_scan_chunk` with one block (a token loop), with a backward of its own: dt, u
+    `[b, L, G, P]`, B, C `[b, L, G, N]`, A `[G, N, P]` (log2 units), h `[b, G, N, P]`.
+
+    Autograd through the loop would record an op per token and reduce every broadcast product
+    on its own. Here the backward recomputes the chunk's decays and states from the entering
+    states, runs the adjoint recurrence dh_j = C_j dy_j + a_{j+1} dh_{j+1} from the last token
+    back, one in-place op per token, and then finds every gradient in a few whole-chunk ops.
+    """
+
+    @staticmethod
+    def forward(ctx, dt, u, B, C, A, h):
+        ctx.save_for_backward(dt, u, B, C, A, h)
+        return _scan_chunk(dt, u, B, C, A, h, 1, _Workspace(u.numel() * B.shape[-1], u, u.dtype))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy, dh_out):
+        dt, u, B, C, A, h = ctx.saved_tensors
+        b, L, G, P = dt.shape
+        N = B.shape[-1]
+        shape = (b, 1, L, G, N, P)
+        workspace = _Workspace(math.prod(shape), u, u.dtype)
+        _scan_chunk(dt, u, B, C, A, h, 1, workspace)  # the decays a and every state, again
+        a, states = (t.view(b, L, G, N, P) for t in workspace.pairs(shape)[:2])
+
+        dh = C[..., None] * dy[..., None, :]  # [b, L, G, N, P]
+        dh_steps, a_steps = dh.unbind(1), a.unbind(1)
+        dh_steps[-1].add_(dh_out)
+        for j in range(L - 2, -1, -1):
+            dh_steps[j].addcmul_(a_steps[j + 1], dh_steps[j + 1])
+
+        x = dt * u
+        dx = torch.bmm(B.reshape(-1, 1, N), dh.view(-1, N, P)).view(b, L, G, P)
+        dB = torch.bmm(dh.view(-1, N, P), x.reshape(-1, P, 1)).view(b, L, G, N)
+        dC = torch.bmm(states.view(-1, N, P), dy.reshape(-1, P, 1)).view(b, L, G, N)
+        # d loss / d(dt A) = dh_j h_{j-1} a_j ln 2, h_{j-1} being the state before token j.
+        grad_z = torch.cat([h[:, None], states[:, :-1]], dim=1).mul_(dh).mul_(a)
+        grad_z.mul_(math.log(2.0))
+        d_dt = torch.addcmul((grad_z * A).sum(-2), dx, u)
+        dA = (grad_z * dt[..., None, :]).sum((0, 1))
+        return d_dt, dx * dt, dB, dC, dA, a_steps[0] * dh_steps[0]
+
+
 def _gated_chunk(
     dt: torch.Tensor,
     u: torch.Tensor,
@@ -285,7 +328,10 @@ def _gated_chunk(
     z `[b, L, Dm]` or None, the rest as there. Checkpointed as a whole, a chunk then keeps
     nothing sequence-sized for the backward. Returns y `[b, L, Dm]` and the leaving states.
     """
-    y, h = _scan_chunk(dt, u, B, C, A, h, num_blocks, None)
+    if num_blocks == 1:
+        y, h = _TokenLoop.apply(dt, u, B, C, A, h)
+    else:
+        y, h = _scan_chunk(dt, u, B, C, A, h, num_blocks, None)
     b, L, G, P = y.shape
     return _skip_and_gate(y.reshape(b, L, G * P), u.reshape(b, L, G * P), D, z), h
 
@@ -392,7 +438,9 @@ def selective_scan_chunk_ref(
     checkpointed chunk). Memory: O(T Dm) for those plus O(chunk_size Dm N) for one chunk:
     without autograd, one workspace that every chunk reuses; with it, each chunk is
     checkpointed: the forward keeps only the states entering each chunk, and the backward
-    recomputes one chunk at a time.
+    recomputes one chunk at a time. With autograd and the default block size, a chunk's backward
+    is the token loop's own (`_TokenLoop`: the adjoint recurrence), not autograd through its
+    ops.
     """
     for name, value in (("chunk_size", chunk_size), ("block_size", block_size)):
         if value is not None and value < 1:
