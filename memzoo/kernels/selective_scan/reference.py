@@ -305,11 +305,14 @@ class _TokenLoop(torch.autograd.Function):
         dx = torch.bmm(B.reshape(-1, 1, N), dh.view(-1, N, P)).view(b, L, G, P)
         dB = torch.bmm(dh.view(-1, N, P), x.reshape(-1, P, 1)).view(b, L, G, N)
         dC = torch.bmm(states.view(-1, N, P), dy.reshape(-1, P, 1)).view(b, L, G, N)
-        # d loss / d(dt A) = dh_j h_{j-1} a_j ln 2, h_{j-1} being the state before token j.
-        grad_z = torch.cat([h[:, None], states[:, :-1]], dim=1).mul_(dh).mul_(a)
-        grad_z.mul_(math.log(2.0))
-        d_dt = torch.addcmul((grad_z * A).sum(-2), dx, u)
-        dA = (grad_z * dt[..., None, :]).sum((0, 1))
+        # d loss / d(dt A) = dh_j h_{j-1} a_j ln 2, h_{j-1} being the state before token j
+        # (ln 2 is applied to the reduced gradients, not to this chunk-sized product).
+        grad_z = torch.empty_like(dh)
+        torch.mul(dh[:, 1:], states[:, :-1], out=grad_z[:, 1:])
+        torch.mul(dh[:, 0], h, out=grad_z[:, 0])
+        grad_z.mul_(a)
+        d_dt = torch.addcmul((grad_z * (A * math.log(2.0))).sum(-2), dx, u)
+        dA = (grad_z * dt[..., None, :]).sum((0, 1)).mul_(math.log(2.0))
         return d_dt, dx * dt, dB, dC, dA, a_steps[0] * dh_steps[0]
 
 
