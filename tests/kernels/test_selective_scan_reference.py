@@ -10,6 +10,7 @@ from memzoo.kernels._core import BackendUnavailableError, registered_ops
 from memzoo.kernels.selective_scan.reference import (
     _blocks_per_chunk,
     _TokenLoop,
+    _Workspace,
     selective_scan_chunk_ref,
     selective_scan_recurrent_ref,
 )
@@ -183,7 +184,8 @@ def test_token_loop_backward_gradcheck():
     B, C = (randn(b, L, G, N, seed=s, dtype=torch.float64) for s in (33, 34))
     A = -randn(G, N, P, seed=35, dtype=torch.float64).abs() * 2
     inputs = [t.requires_grad_() for t in (dt, u, B, C, A, h)]
-    assert torch.autograd.gradcheck(_TokenLoop.apply, inputs)
+    workspace = _Workspace(b * L * G * N * P, dt, torch.float64, count=4)
+    assert torch.autograd.gradcheck(lambda *t: _TokenLoop.apply(*t, workspace), inputs)
 
 
 @pytest.mark.parametrize("grad", [False, True], ids=["inference", "autograd"])

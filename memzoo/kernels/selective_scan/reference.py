@@ -158,22 +158,27 @@ def _blocks_per_chunk(L: int, width: int, block_size: int | None, autograd: bool
 
 
 class _Workspace:
-    """The two flat buffers every chunk reuses when nothing needs autograd, and their views.
+    """Flat chunk-sized buffers that every chunk reuses, and their views: two for a chunk's
+    step pairs, two more for the token loop's backward.
 
     A fresh chunk-sized tensor per chunk is a large allocation that the allocator may hand back
     to the system and fault in again, page by page, for the next chunk; and the per-step views
     of a chunk's pairs cost a Python call each, so they are made once per chunk shape.
     """
 
-    def __init__(self, numel: int, like: torch.Tensor, dtype: torch.dtype):
-        self.buffers = tuple(like.new_empty(numel, dtype=dtype) for _ in range(2))
+    def __init__(self, numel: int, like: torch.Tensor, dtype: torch.dtype, count: int = 2):
+        self.buffers = tuple(like.new_empty(numel, dtype=dtype) for _ in range(count))
         self._views: dict[tuple[int, ...], tuple] = {}
+
+    def buffer(self, i: int, shape: tuple[int, ...]) -> torch.Tensor:
+        """Buffer i as a tensor of `shape`."""
+        return self.buffers[i][: math.prod(shape)].view(shape)
 
     def pairs(self, shape: tuple[int, ...]) -> tuple:
         """(a, bx, a_steps, bx_steps): the two buffers as `shape` = `[b, S, c, G, N, P]`,
         and their c steps `[b, S, G, N, P]` each."""
         if shape not in self._views:
-            a, bx = (w[: math.prod(shape)].view(shape) for w in self.buffers)
+            a, bx = (w[: math.prod(shape)].view(shape) for w in self.buffers[:2])
             self._views[shape] = (a, bx, a.unbind(2), bx.unbind(2))
         return self._views[shape]
 
@@ -280,9 +285,12 @@ class _TokenLoop(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, dt, u, B, C, A, h):
+    def forward(ctx, dt, u, B, C, A, h, workspace):
+        """workspace: a `_Workspace` of four buffers of at least b L G N P floats, shared by the
+        chunks (they run one at a time, forward and backward)."""
         ctx.save_for_backward(dt, u, B, C, A, h)
-        return _scan_chunk(dt, u, B, C, A, h, 1, _Workspace(u.numel() * B.shape[-1], u, u.dtype))
+        ctx.workspace = workspace
+        return _scan_chunk(dt, u, B, C, A, h, 1, workspace)
 
     @staticmethod
     @once_differentiable
@@ -290,12 +298,11 @@ class _TokenLoop(torch.autograd.Function):
         dt, u, B, C, A, h = ctx.saved_tensors
         b, L, G, P = dt.shape
         N = B.shape[-1]
-        shape = (b, 1, L, G, N, P)
-        workspace = _Workspace(math.prod(shape), u, u.dtype)
+        shape, workspace = (b, 1, L, G, N, P), ctx.workspace
         _scan_chunk(dt, u, B, C, A, h, 1, workspace)  # the decays a and every state, again
         a, states = (t.view(b, L, G, N, P) for t in workspace.pairs(shape)[:2])
 
-        dh = C[..., None] * dy[..., None, :]  # [b, L, G, N, P]
+        dh = torch.mul(C[..., None], dy[..., None, :], out=workspace.buffer(2, a.shape))
         dh_steps, a_steps = dh.unbind(1), a.unbind(1)
         dh_steps[-1].add_(dh_out)
         for j in range(L - 2, -1, -1):
@@ -307,13 +314,14 @@ class _TokenLoop(torch.autograd.Function):
         dC = torch.bmm(states.view(-1, N, P), dy.reshape(-1, P, 1)).view(b, L, G, N)
         # d loss / d(dt A) = dh_j h_{j-1} a_j ln 2, h_{j-1} being the state before token j
         # (ln 2 is applied to the reduced gradients, not to this chunk-sized product).
-        grad_z = torch.empty_like(dh)
+        grad_z = workspace.buffer(3, a.shape)
         torch.mul(dh[:, 1:], states[:, :-1], out=grad_z[:, 1:])
         torch.mul(dh[:, 0], h, out=grad_z[:, 0])
         grad_z.mul_(a)
-        d_dt = torch.addcmul((grad_z * (A * math.log(2.0))).sum(-2), dx, u)
-        dA = (grad_z * dt[..., None, :]).sum((0, 1)).mul_(math.log(2.0))
-        return d_dt, dx * dt, dB, dC, dA, a_steps[0] * dh_steps[0]
+        # The states are spent: their buffer takes grad_z dt, then grad_z itself takes A.
+        dA = torch.mul(grad_z, dt[..., None, :], out=states).sum((0, 1)).mul_(math.log(2.0))
+        d_dt = torch.addcmul(grad_z.mul_(A * math.log(2.0)).sum(-2), dx, u)
+        return d_dt, dx * dt, dB, dC, dA, a_steps[0] * dh_steps[0], None
 
 
 def _gated_chunk(
@@ -326,13 +334,15 @@ def _gated_chunk(
     h: torch.Tensor,
     D: torch.Tensor | None,
     num_blocks: int,
+    workspace: _Workspace | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`_scan_chunk` (autograd, no workspace), then the D skip and the silu gate on the chunk:
-    z `[b, L, Dm]` or None, the rest as there. Checkpointed as a whole, a chunk then keeps
-    nothing sequence-sized for the backward. Returns y `[b, L, Dm]` and the leaving states.
+    """The scan with autograd, then the D skip and the silu gate on the chunk: z `[b, L, Dm]`
+    or None; with one block, `_TokenLoop` over `workspace` (four buffers), else `_scan_chunk`
+    op by op (then checkpointed as a whole, so that it keeps nothing chunk-sized for the
+    backward); the rest as there. Returns y `[b, L, Dm]` and the leaving states.
     """
     if num_blocks == 1:
-        y, h = _TokenLoop.apply(dt, u, B, C, A, h)
+        y, h = _TokenLoop.apply(dt, u, B, C, A, h, workspace)
     else:
         y, h = _scan_chunk(dt, u, B, C, A, h, num_blocks, None)
     b, L, G, P = y.shape
@@ -437,13 +447,12 @@ def selective_scan_chunk_ref(
     Returns y `[B, T, Dm]` and the final state `[N_seq, Dm, N]` (None unless asked).
 
     softplus runs once on the whole sequence, where the op is wide enough to use every thread;
-    so do the D skip and the silu gate without autograd (with it, they run inside each
-    checkpointed chunk). Memory: O(T Dm) for those plus O(chunk_size Dm N) for one chunk:
-    without autograd, one workspace that every chunk reuses; with it, each chunk is
-    checkpointed: the forward keeps only the states entering each chunk, and the backward
-    recomputes one chunk at a time. With autograd and the default block size, a chunk's backward
-    is the token loop's own (`_TokenLoop`: the adjoint recurrence), not autograd through its
-    ops.
+    so do the D skip and the silu gate without autograd (with it, they run chunk by chunk).
+    Memory: O(T Dm) for those plus O(chunk_size Dm N) for one chunk: without autograd, one
+    workspace that every chunk reuses. With autograd, the token loop (`_TokenLoop`, the default)
+    keeps only its inputs and the states entering each chunk, and its backward recomputes a
+    chunk's states and runs the adjoint recurrence, over a shared workspace; blocks go through
+    autograd op by op, each chunk checkpointed.
     """
     for name, value in (("chunk_size", chunk_size), ("block_size", block_size)):
         if value is not None and value < 1:
@@ -497,9 +506,10 @@ def selective_scan_chunk_ref(
     L = layout.chunk
     S = _blocks_per_chunk(L, layout.active[0] * Dm * N, block_size, needs_grad)
     workspace = None
-    if not needs_grad:
+    if not needs_grad or S == 1:
         # Shared by the chunks: the first is the largest (most sequences, the full length).
-        workspace = _Workspace(layout.active[0] * -(-L // S) * S * Dm * N, u, dtype)
+        numel = layout.active[0] * -(-L // S) * S * Dm * N
+        workspace = _Workspace(numel, u, dtype, count=2 if not needs_grad else 4)
     no_z = [None] * len(layout.active)
     pieces = zip(
         layout.active,
@@ -513,12 +523,14 @@ def selective_scan_chunk_ref(
     ys = []
     for active, dt_k, u_k, z_k, B_k, C_k in pieces:
         h_k = h if active == h.shape[0] else h[:active]
-        if needs_grad:
-            args = (dt_k, u_k, z_k, B_k, C_k, A2, h_k, D, S)
-            y_k, h_k = checkpoint(_gated_chunk, *args, use_reentrant=False)
-        else:
+        if not needs_grad:
             args = (dt_k, u_k, B_k, C_k, A2, h_k, S, workspace)
             y_k, h_k = _scan_chunk(*args, out=dt_k if write_back else None)
+        elif S == 1:  # the token loop keeps only its inputs; its backward recomputes the rest
+            y_k, h_k = _gated_chunk(dt_k, u_k, z_k, B_k, C_k, A2, h_k, D, S, workspace)
+        else:
+            args = (dt_k, u_k, z_k, B_k, C_k, A2, h_k, D, S, workspace)
+            y_k, h_k = checkpoint(_gated_chunk, *args, use_reentrant=False)
         h = h_k if active == h.shape[0] else torch.cat([h_k, h[active:]])
         ys.append(y_k)
     y = dt.view(Bsz, T, Dm) if write_back else layout.merge(ys).reshape(Bsz, T, Dm)
