@@ -25,7 +25,7 @@ aot: install
 
 test: lint pytest aot
 
-# The quick MQAR sweep: every mixer at two widths, about 11-13 minutes on a 2-core CPU.
+# The quick MQAR sweep: every mixer at two widths, about 5 minutes on an idle 2-core CPU.
 demo: install
 	$(VENV)/bin/memzoo info
 	$(VENV)/bin/memzoo sweep mqar --preset quick --out runs/sweep-mqar-quick
