@@ -182,7 +182,8 @@ def write_table(rows: list[dict], args: argparse.Namespace, command: str) -> Pat
         "with glibc's mmap threshold pinned at 64 KiB (no heap fragmentation: what the "
         "algorithm holds). "
         "Forward rows run under inference_mode; 'chunk fwd+bwd' is forward plus backward "
-        f"through autograd (chunks checkpointed). Command: `{command}`",
+        "through autograd: with the default block size, the token loop's own backward, which "
+        f"recomputes each chunk's states from its entering state. Command: `{command}`",
         "",
         "| T | implementation | time (ms) | peak memory (MiB) | peak, 64 KiB mmap threshold "
         "(MiB) | recurrence time / this |",
