@@ -9,7 +9,9 @@ from memzoo.kernels import selective_scan, selective_state_update
 from memzoo.kernels._core import BackendUnavailableError, registered_ops
 from memzoo.kernels.selective_scan.reference import (
     _blocks_per_chunk,
-    _TokenLoop,
+    _ChunkedTokenLoop,
+    _DenseChunks,
+    _PackedChunks,
     _Workspace,
     selective_scan_chunk_ref,
     selective_scan_recurrent_ref,
@@ -174,18 +176,32 @@ def test_default_block_sizes_with_and_without_autograd(Dm, N, packed):
     assert all(torch.equal(inputs[k], t) for k, t in before.items())
 
 
-def test_token_loop_backward_gradcheck():
-    """The token loop's own backward (`_TokenLoop`) against finite differences, fp64, every
-    input: dt, u, B, C, A and the entering states, two sequences, two groups."""
-    b, L, G, P, N = 2, 7, 2, 5, 3
-    dt = randn(b, L, G, P, seed=30, dtype=torch.float64).abs() * 0.5
-    u = randn(b, L, G, P, seed=31, dtype=torch.float64)
-    h = randn(b, G, N, P, seed=32, dtype=torch.float64)
-    B, C = (randn(b, L, G, N, seed=s, dtype=torch.float64) for s in (33, 34))
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+def test_token_loop_backward_gradcheck(packed):
+    """The token loop's own backward (`_ChunkedTokenLoop`) against finite differences, fp64,
+    every input: dt, u, B, C, A and the initial states, over chunks of 3 tokens (the last
+    ragged), two groups; dense (two sequences of 7) or packed (lengths 7, 2, 5: sequences
+    leave the batch at different chunks)."""
+    G, P, N = 2, 5, 3
+    lengths = [7, 2, 5] if packed else [7, 7]
+    if packed:
+        layout, shape = _PackedChunks(lengths, 3, torch.device("cpu")), (1, sum(lengths))
+    else:
+        layout, shape = _DenseChunks(2, 7, 3), (2, 7)
+    dt = randn(*shape, G, P, seed=30, dtype=torch.float64).abs() * 0.5
+    u = randn(*shape, G, P, seed=31, dtype=torch.float64)
+    h = randn(len(lengths), G, N, P, seed=32, dtype=torch.float64)
+    B, C = (randn(*shape, G, N, seed=s, dtype=torch.float64) for s in (33, 34))
     A = -randn(G, N, P, seed=35, dtype=torch.float64).abs() * 2
     inputs = [t.requires_grad_() for t in (dt, u, B, C, A, h)]
-    workspace = _Workspace(b * L * G * N * P, dt, torch.float64, count=4)
-    assert torch.autograd.gradcheck(lambda *t: _TokenLoop.apply(*t, workspace), inputs)
+    workspace = _Workspace(layout.active[0] * 3 * G * N * P, dt, torch.float64, count=4)
+
+    def loop(dt, u, B, C, A, h):
+        laid_out = [layout.gather(t) for t in (dt, u, B, C)]
+        y, h_final = _ChunkedTokenLoop.apply(*laid_out, A, h, layout, workspace)
+        return layout.scatter(y), h_final
+
+    assert torch.autograd.gradcheck(loop, inputs)
 
 
 @pytest.mark.parametrize("grad", [False, True], ids=["inference", "autograd"])

@@ -285,103 +285,157 @@ def _scan_chunk(
     return (y if out is None else out.copy_(y)), h
 
 
-class _TokenLoop(torch.autograd.Function):
-    """`_scan_chunk` with one block (a token loop), with a backward of its own: dt, u
-    `[b, L, G, P]`, B, C `[b, L, G, N]`, A `[G, N, P]` (log2 units), h `[b, G, N, P]`.
-
-    Autograd through the loop would record an op per token and reduce every broadcast product
-    on its own. Here the backward recomputes the chunk's decays and states from the entering
-    states, runs the adjoint recurrence dh_j = C_j dy_j + a_{j+1} dh_{j+1} from the last token
-    back, one in-place op per token, and then finds every gradient in a few whole-chunk ops.
-    """
-
-    @staticmethod
-    def forward(ctx, dt, u, B, C, A, h, workspace):
-        """workspace: a `_Workspace` of four buffers of at least b L G N P floats, shared by the
-        chunks (they run one at a time, forward and backward)."""
-        ctx.save_for_backward(dt, u, B, C, A, h)
-        ctx.workspace = workspace
-        return _scan_chunk(dt, u, B, C, A, h, 1, workspace)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy, dh_out):
-        dt, u, B, C, A, h = ctx.saved_tensors
-        b, L, G, P = dt.shape
-        N = B.shape[-1]
-        shape, workspace = (b, 1, L, G, N, P), ctx.workspace
-        # The decays a and every state, again (buffers 0 and 1).
-        _scan_chunk(dt, u, B, C, A, h, 1, workspace, readout=False)
-        a, states, a_steps, _ = workspace.pairs(shape)
-        dh, dh_steps = workspace.steps(2, shape)
-
-        torch.mul(C[..., None], dy[..., None, :], out=dh.view(b, L, G, N, P))
-        dh_steps[-1].add_(dh_out[:, None])
-        for j in range(L - 2, -1, -1):
-            dh_steps[j].addcmul_(a_steps[j + 1], dh_steps[j + 1])
-        a, states, dh = (t.view(b, L, G, N, P) for t in (a, states, dh))
-
-        # Every product below contracts a token's [N, P] block with a P- or N-vector: as
-        # `[1, K] @ [K, M]` per token (for dB and dC against the block's transpose), the
-        # batched matmul runs ~7x faster than as `[M, K] @ [K, 1]`.
-        x = dt * u
-        per_token = (-1, N, P)
-        dx = torch.bmm(B.reshape(-1, 1, N), dh.view(per_token)).view(b, L, G, P)
-        dB = torch.bmm(x.reshape(-1, 1, P), dh.view(per_token).mT).view(b, L, G, N)
-        dC = torch.bmm(dy.reshape(-1, 1, P), states.view(per_token).mT).view(b, L, G, N)
-        # d loss / d(dt A) = dh_j h_{j-1} a_j ln 2, h_{j-1} being the state before token j
-        # (ln 2 is applied to the reduced gradients, not to this chunk-sized product).
-        grad_z = workspace.buffer(3, a.shape)
-        torch.mul(dh[:, 1:], states[:, :-1], out=grad_z[:, 1:])
-        torch.mul(dh[:, 0], h, out=grad_z[:, 0])
-        grad_z.mul_(a)
-        # The states are spent: their buffer takes grad_z dt, then grad_z itself takes A.
-        dA = torch.mul(grad_z, dt[..., None, :], out=states).sum((0, 1)).mul_(math.log(2.0))
-        d_dt = torch.addcmul(grad_z.mul_(A * math.log(2.0)).sum(-2), dx, u)
-        return d_dt, dx * dt, dB, dC, dA, a_steps[0][:, 0] * dh_steps[0][:, 0], None
-
-
-def _gated_chunk(
+def _token_loop_backward(
     dt: torch.Tensor,
     u: torch.Tensor,
-    z: torch.Tensor | None,
     B: torch.Tensor,
     C: torch.Tensor,
     A: torch.Tensor,
     h: torch.Tensor,
-    D: torch.Tensor | None,
-    num_blocks: int,
-    workspace: _Workspace | None,
+    dy: torch.Tensor,
+    dh_out: torch.Tensor,
+    workspace: _Workspace,
+    out: tuple[torch.Tensor, ...],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The scan with autograd, then the D skip and the silu gate on the chunk: z `[b, L, Dm]`
-    or None; with one block, `_TokenLoop` over `workspace` (four buffers), else `_scan_chunk`
-    op by op (then checkpointed as a whole, so that it keeps nothing chunk-sized for the
-    backward); the rest as there. Returns y `[b, L, Dm]` and the leaving states.
+    """The backward of one chunk's token loop (`_scan_chunk` with one block): dt, u, dy
+    `[b, L, G, P]`; B, C `[b, L, G, N]`; A `[G, N, P]` (log2 units); h, dh_out `[b, G, N, P]`,
+    the states entering the chunk and the gradient of those leaving it; workspace: four
+    buffers of at least b L G N P floats; out: the tensors that take the gradients of dt, u, B
+    and C.
+
+    Recomputes the chunk's decays and states from h, runs the adjoint recurrence
+    dh_j = C_j dy_j + a_{j+1} dh_{j+1} from the last token back, one in-place op per token, and
+    then finds every gradient in a few whole-chunk ops. Returns the gradients of A
+    (`[G, N, P]`, summed over the chunk) and of h.
     """
-    if num_blocks == 1:
-        y, h = _TokenLoop.apply(dt, u, B, C, A, h, workspace)
-    else:
-        y, h = _scan_chunk(dt, u, B, C, A, h, num_blocks, None)
-    b, L, G, P = y.shape
-    return _skip_and_gate(y.reshape(b, L, G * P), u.reshape(b, L, G * P), D, z), h
+    b, L, G, P = dt.shape
+    N = B.shape[-1]
+    shape = (b, 1, L, G, N, P)
+    # The decays a and every state, again (buffers 0 and 1).
+    _scan_chunk(dt, u, B, C, A, h, 1, workspace, readout=False)
+    a, states, a_steps, _ = workspace.pairs(shape)
+    dh, dh_steps = workspace.steps(2, shape)
+
+    torch.mul(C[..., None], dy[..., None, :], out=dh.view(b, L, G, N, P))
+    dh_steps[-1].add_(dh_out[:, None])
+    for j in range(L - 2, -1, -1):
+        dh_steps[j].addcmul_(a_steps[j + 1], dh_steps[j + 1])
+    a, states, dh = (t.view(b, L, G, N, P) for t in (a, states, dh))
+
+    # Every product below contracts a token's [N, P] block with a P- or N-vector: as
+    # `[1, K] @ [K, M]` per token (for dB and dC against the block's transpose), the
+    # batched matmul runs ~7x faster than as `[M, K] @ [K, 1]`.
+    x = dt * u
+    per_token = (-1, N, P)
+    dx = torch.bmm(B.reshape(-1, 1, N), dh.view(per_token)).view(b, L, G, P)
+    dB = torch.bmm(x.reshape(-1, 1, P), dh.view(per_token).mT).view(b, L, G, N)
+    dC = torch.bmm(dy.reshape(-1, 1, P), states.view(per_token).mT).view(b, L, G, N)
+    # d loss / d(dt A) = dh_j h_{j-1} a_j ln 2, h_{j-1} being the state before token j
+    # (ln 2 is applied to the reduced gradients, not to this chunk-sized product).
+    grad_z = workspace.buffer(3, a.shape)
+    torch.mul(dh[:, 1:], states[:, :-1], out=grad_z[:, 1:])
+    torch.mul(dh[:, 0], h, out=grad_z[:, 0])
+    grad_z.mul_(a)
+    # The states are spent: their buffer takes grad_z dt, then grad_z itself takes A.
+    dA = torch.mul(grad_z, dt[..., None, :], out=states).sum((0, 1)).mul_(math.log(2.0))
+    d_dt, du, d_B, d_C = out
+    torch.addcmul(grad_z.mul_(A * math.log(2.0)).sum(-2), dx, u, out=d_dt)
+    torch.mul(dx, dt, out=du)
+    d_B.copy_(dB)
+    d_C.copy_(dC)
+    return dA, a[:, 0] * dh[:, 0]
+
+
+def _carry_states(layout, h: torch.Tensor, inputs: list[torch.Tensor], scan, keep_entering=False):
+    """Chunk after chunk of `layout`, carrying the states: `scan(h_k, *inputs_k)` returns
+    (y_k, the states leaving chunk k) for the `active` sequences of chunk k, whose entering
+    states are the first rows of h `[num_seqs, G, N, P]`; the other rows pass by.
+
+    inputs: laid-out tensors (`layout.gather`). Returns (the y_k, the final states, and with
+    keep_entering the states entering every chunk, concatenated `[sum(active), G, N, P]`).
+    """
+    ys, entering = [], []
+    chunks = zip(layout.active, *(layout.chunks(t) for t in inputs), strict=True)
+    for active, *inputs_k in chunks:
+        h_k = h if active == h.shape[0] else h[:active]
+        if keep_entering:
+            entering.append(h_k)
+        y_k, h_k = scan(h_k, *inputs_k)
+        h = h_k if active == h.shape[0] else torch.cat([h_k, h[active:]])
+        ys.append(y_k)
+    return ys, h, (torch.cat(entering) if keep_entering else None)
+
+
+class _ChunkedTokenLoop(torch.autograd.Function):
+    """Every chunk's token loop (`_scan_chunk` with one block), with a backward of its own:
+    dt, u `[..., G, P]` and B, C `[..., G, N]` laid out by `layout` (`layout.gather`), A
+    `[G, N, P]` (log2 units), h `[num_seqs, G, N, P]` the initial states; workspace: four
+    buffers of at least one chunk's b L G N P floats, shared by the chunks (they run one at a
+    time, forward and backward). Returns y, laid out like dt, and the final states.
+
+    Autograd through the loop would record an op per token and reduce every broadcast product
+    on its own, and a node per chunk would assemble each input's gradient with a sequence-sized
+    concatenation. Here the forward keeps only its inputs and the states entering each chunk;
+    the backward visits the chunks last to first (`_token_loop_backward`), writing each one's
+    gradients in place into sequence-sized tensors and carrying dh between chunks.
+    """
+
+    @staticmethod
+    def forward(ctx, dt, u, B, C, A, h, layout, workspace):
+        y = torch.empty_like(dt)
+
+        def scan(h_k, dt_k, u_k, B_k, C_k, y_k):
+            return _scan_chunk(dt_k, u_k, B_k, C_k, A, h_k, 1, workspace, out=y_k)
+
+        _, h, entering = _carry_states(layout, h, [dt, u, B, C, y], scan, keep_entering=True)
+        ctx.save_for_backward(dt, u, B, C, A, entering)
+        ctx.layout, ctx.workspace = layout, workspace
+        return y, h
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy, dh):
+        dt, u, B, C, A, entering = ctx.saved_tensors
+        layout = ctx.layout
+        grads = [torch.empty_like(t) for t in (dt, u, B, C)]
+        dA = torch.zeros_like(A)
+        chunks = zip(
+            layout.active,
+            entering.split(layout.active),
+            *(layout.chunks(t) for t in (dt, u, B, C, dy, *grads)),
+            strict=True,
+        )
+        for active, h_k, dt_k, u_k, B_k, C_k, dy_k, *grads_k in reversed(list(chunks)):
+            args = (dt_k, u_k, B_k, C_k, A, h_k, dy_k, dh[:active], ctx.workspace, grads_k)
+            dA_k, dh_k = _token_loop_backward(*args)
+            dA += dA_k
+            dh = dh_k if active == dh.shape[0] else torch.cat([dh_k, dh[active:]])
+        return *grads, dA, dh, None, None
 
 
 class _DenseChunks:
-    """B sequences of T tokens, cut along time into chunks of `chunk` tokens (the last ragged)."""
-
-    splits_into_views = True  # a chunk of a split is a view of the whole
+    """B sequences of T tokens, cut along time into chunks of `chunk` tokens (the last ragged).
+    Laid out as they come, `[B, T, ...]`."""
 
     def __init__(self, Bsz: int, T: int, chunk_size: int):
         self.chunk = max(1, min(chunk_size, T))
         self.active = [Bsz] * (-(-T // self.chunk))
         self.order = self.unsort = None
 
-    def split(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """`[B, T, ...]` -> chunk after chunk `[B, L, ...]` (split: its backward is one cat)."""
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def chunks(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Laid-out `[B, T, ...]` -> chunk after chunk `[B, L, ...]`, views."""
         return list(x.split(self.chunk, dim=1)) if self.active else []
 
-    def merge(self, ys: list[torch.Tensor]) -> torch.Tensor:
+    def join(self, ys: list[torch.Tensor]) -> torch.Tensor:
+        """The chunks' outputs -> laid out."""
         return torch.cat(ys, dim=1)
+
+    def scatter(self, y: torch.Tensor) -> torch.Tensor:
+        """Laid out -> `[B, T, ...]`."""
+        return y
 
 
 class _PackedChunks:
@@ -389,12 +443,11 @@ class _PackedChunks:
     sequence that has one, as a batch.
 
     Sequences are sorted by length, longest first, so the ones still running at step k are a
-    prefix of `active[k]` sequences. Each step gathers `[active[k], chunk]` tokens from the
-    packed rows; positions past a sequence's end read an appended zero row: dt = 0 and x = 0,
-    the identity step. Outputs come back through one index_select.
+    prefix of `active[k]` sequences. Laid out step after step, `[sum(active), chunk, ...]`: one
+    gather takes every step's `[active[k], chunk]` tokens from the packed rows; positions past
+    a sequence's end read an appended zero row: dt = 0 and x = 0, the identity step. Outputs
+    come back through one index_select.
     """
-
-    splits_into_views = False
 
     def __init__(self, lengths: list[int], chunk_size: int, device: torch.device):
         lens = torch.tensor(lengths, dtype=torch.int64)
@@ -412,30 +465,35 @@ class _PackedChunks:
         seq = order[rank_of_step]  # [rows]
         pos = step_of_row[:, None] * L + torch.arange(L)  # offset inside the sequence
         index = torch.where(pos < lens[seq][:, None], starts[seq][:, None] + pos, total)
-        self.gather = index.flatten().to(device)
-        self.sizes = [a * L for a in self.active]
+        self.index = index.flatten().to(device)
 
-        # Where packed token i lands in the concatenated outputs of all steps.
+        # Where packed token i lands in the laid-out rows, flattened.
         token_seq = torch.repeat_interleave(torch.arange(lens.numel()), lens)
         offset = torch.arange(total) - starts[token_seq]
         rank = torch.argsort(order)
-        first_row = torch.cumsum(torch.tensor([0, *self.sizes[:-1]]), 0)
+        first_row = torch.cumsum(torch.tensor([0, *self.active[:-1]]), 0) * L
         step = offset // L
-        self.scatter = (first_row[step] + rank[token_seq] * L + offset % L).to(device)
+        self.back = (first_row[step] + rank[token_seq] * L + offset % L).to(device)
 
         in_order = torch.equal(order, torch.arange(order.numel()))
         self.order = None if in_order else order.to(device)
         self.unsort = None if in_order else rank.to(device)
 
-    def split(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Packed `[1, T, ...]` -> step after step `[active[k], chunk, ...]`."""
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """Packed `[1, T, ...]` -> laid out `[sum(active), chunk, ...]`."""
         rows = torch.cat([x[0], x.new_zeros(1, *x.shape[2:])])
-        gathered = rows.index_select(0, self.gather).split(self.sizes)
-        return [g.view(-1, self.chunk, *x.shape[2:]) for g in gathered]
+        return rows.index_select(0, self.index).view(-1, self.chunk, *x.shape[2:])
 
-    def merge(self, ys: list[torch.Tensor]) -> torch.Tensor:
-        flat = torch.cat([y.flatten(0, 1) for y in ys])
-        return flat.index_select(0, self.scatter)[None]
+    def chunks(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Laid out -> step after step `[active[k], chunk, ...]`, views."""
+        return list(x.split(self.active))
+
+    def join(self, ys: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(ys)
+
+    def scatter(self, y: torch.Tensor) -> torch.Tensor:
+        """Laid out -> packed `[1, T, ...]`."""
+        return y.flatten(0, 1).index_select(0, self.back)[None]
 
 
 def selective_scan_chunk_ref(
@@ -463,13 +521,12 @@ def selective_scan_chunk_ref(
     B == 1) packs sequences along T; it is read on the host.
     Returns y `[B, T, Dm]` and the final state `[N_seq, Dm, N]` (None unless asked).
 
-    softplus runs once on the whole sequence, where the op is wide enough to use every thread;
-    so do the D skip and the silu gate without autograd (with it, they run chunk by chunk).
-    Memory: O(T Dm) for those plus O(chunk_size Dm N) for one chunk: without autograd, one
-    workspace that every chunk reuses. With autograd, the token loop (`_TokenLoop`, the default)
-    keeps only its inputs and the states entering each chunk, and its backward recomputes a
-    chunk's states and runs the adjoint recurrence, over a shared workspace; blocks go through
-    autograd op by op, each chunk checkpointed.
+    softplus, the D skip and the silu gate run once on the whole sequence, where each op is
+    wide enough to use every thread. Memory: O(T Dm) for those plus O(chunk_size Dm N) for one
+    chunk: one workspace that every chunk reuses. With autograd, the token loop (the default,
+    `_ChunkedTokenLoop`) keeps only its inputs and the states entering each chunk, and its
+    backward recomputes a chunk's states and runs the adjoint recurrence, chunk by chunk;
+    blocks go through autograd op by op, each chunk checkpointed.
     """
     for name, value in (("chunk_size", chunk_size), ("block_size", block_size)):
         if value is not None and value < 1:
@@ -503,8 +560,6 @@ def selective_scan_chunk_ref(
         t is not None and t.requires_grad
         for t in (u, delta, A, B, C, D, z, delta_bias, initial_state)
     )
-    # softplus runs once on the whole sequence, where the op is wide enough to use every thread
-    # (per chunk, each op would wait for the other threads to wake up).
     u_ = u.to(dtype)
     if needs_grad:
         dt = _effective_delta(delta.to(dtype), delta_bias, delta_softplus)
@@ -519,7 +574,10 @@ def selective_scan_chunk_ref(
             torch.add(delta, delta_bias, out=dt)
         if delta_softplus:
             torch.ops.aten.softplus.out(dt, 1, 20, out=dt)
-    write_back = not needs_grad and layout.splits_into_views
+    inputs = [
+        layout.gather(t)
+        for t in (dt.reshape(Bsz, T, G, P), u_.reshape(Bsz, T, G, P), B.to(dtype), C.to(dtype))
+    ]
     L = layout.chunk
     S = _blocks_per_chunk(L, layout.active[0] * Dm * N, block_size, needs_grad)
     workspace = None
@@ -527,31 +585,29 @@ def selective_scan_chunk_ref(
         # Shared by the chunks: the first is the largest (most sequences, the full length).
         numel = layout.active[0] * -(-L // S) * S * Dm * N
         workspace = _Workspace(numel, u, dtype, count=2 if not needs_grad else 4)
-    no_z = [None] * len(layout.active)
-    pieces = zip(
-        layout.active,
-        layout.split(dt.reshape(Bsz, T, G, P)),
-        layout.split(u_.reshape(Bsz, T, G, P)),
-        no_z if z is None or not needs_grad else layout.split(z.to(dtype)),
-        layout.split(B.to(dtype)),
-        layout.split(C.to(dtype)),
-        strict=True,
-    )
-    ys = []
-    for active, dt_k, u_k, z_k, B_k, C_k in pieces:
-        h_k = h if active == h.shape[0] else h[:active]
-        if not needs_grad:
-            args = (dt_k, u_k, B_k, C_k, A2, h_k, S, workspace)
-            y_k, h_k = _scan_chunk(*args, out=dt_k if write_back else None)
-        elif S == 1:  # the token loop keeps only its inputs; its backward recomputes the rest
-            y_k, h_k = _gated_chunk(dt_k, u_k, z_k, B_k, C_k, A2, h_k, D, S, workspace)
-        else:
-            args = (dt_k, u_k, z_k, B_k, C_k, A2, h_k, D, S, workspace)
-            y_k, h_k = checkpoint(_gated_chunk, *args, use_reentrant=False)
-        h = h_k if active == h.shape[0] else torch.cat([h_k, h[active:]])
-        ys.append(y_k)
-    y = dt.view(Bsz, T, Dm) if write_back else layout.merge(ys).reshape(Bsz, T, Dm)
-    if not needs_grad:  # y is a buffer of our own: the skip and gate in place
+
+    if not needs_grad:
+        # y overwrites the laid-out dt (for dense layouts, dt itself), chunk by chunk.
+        def scan(h_k, dt_k, u_k, B_k, C_k):
+            return _scan_chunk(dt_k, u_k, B_k, C_k, A2, h_k, S, workspace, out=dt_k)
+
+        _, h, _ = _carry_states(layout, h, inputs, scan)
+        y = inputs[0]
+    elif S == 1:
+        y, h = _ChunkedTokenLoop.apply(*inputs, A2, h, layout, workspace)
+    else:
+
+        def scan(h_k, dt_k, u_k, B_k, C_k):
+            args = (dt_k, u_k, B_k, C_k, A2, h_k, S, None)
+            return checkpoint(_scan_chunk, *args, use_reentrant=False)
+
+        ys, h, _ = _carry_states(layout, h, inputs, scan)
+        y = layout.join(ys)
+    y = layout.scatter(y).reshape(Bsz, T, Dm)
+
+    if needs_grad:
+        y = _skip_and_gate(y, u_, D, z)
+    else:  # y is a buffer of our own: the skip and gate in place
         if D is not None:
             y.addcmul_(D.to(dtype), u_)
         if z is not None:
