@@ -147,7 +147,7 @@ def _blocks_per_chunk(L: int, width: int, block_size: int | None, autograd: bool
     passes over memory, and is the choice without autograd whenever one token's states are wide
     enough to keep an op busy; narrower states take S blocks side by side, up to sqrt(2L), where
     2c + S is smallest. With autograd, S = 1: the token loop has a backward of its own
-    (`_TokenLoop`), where blocks would go through autograd op by op.
+    (`_ChunkedTokenLoop`), where blocks would go through autograd op by op.
     """
     if block_size is None and autograd:
         return 1
