@@ -176,12 +176,13 @@ def test_default_block_sizes_with_and_without_autograd(Dm, N, packed):
     assert all(torch.equal(inputs[k], t) for k, t in before.items())
 
 
+@pytest.mark.parametrize("gated", [False, True], ids=["scan", "skip-and-gate"])
 @pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
-def test_token_loop_backward_gradcheck(packed):
+def test_token_loop_backward_gradcheck(packed, gated):
     """The token loop's own backward (`_ChunkedTokenLoop`) against finite differences, fp64,
-    every input: dt, u, B, C, A and the initial states, over chunks of 3 tokens (the last
-    ragged), two groups; dense (two sequences of 7) or packed (lengths 7, 2, 5: sequences
-    leave the batch at different chunks)."""
+    every input: dt, u, B, C, A, the initial states and, gated, D and z; over chunks of 3
+    tokens (the last ragged), two groups; dense (two sequences of 7) or packed (lengths 7, 2,
+    5: sequences leave the batch at different chunks)."""
     G, P, N = 2, 5, 3
     lengths = [7, 2, 5] if packed else [7, 7]
     if packed:
@@ -189,16 +190,18 @@ def test_token_loop_backward_gradcheck(packed):
     else:
         layout, shape = _DenseChunks(2, 7, 3), (2, 7)
     dt = randn(*shape, G, P, seed=30, dtype=torch.float64).abs() * 0.5
-    u = randn(*shape, G, P, seed=31, dtype=torch.float64)
+    u, z = (randn(*shape, G, P, seed=s, dtype=torch.float64) for s in (31, 36))
     h = randn(len(lengths), G, N, P, seed=32, dtype=torch.float64)
     B, C = (randn(*shape, G, N, seed=s, dtype=torch.float64) for s in (33, 34))
     A = -randn(G, N, P, seed=35, dtype=torch.float64).abs() * 2
-    inputs = [t.requires_grad_() for t in (dt, u, B, C, A, h)]
+    D = randn(G, P, seed=37, dtype=torch.float64)
+    inputs = [t.requires_grad_() for t in (dt, u, B, C, A, h, *((D, z) if gated else ()))]
     workspace = _Workspace(layout.active[0] * 3 * G * N * P, dt, torch.float64, count=4)
 
-    def loop(dt, u, B, C, A, h):
+    def loop(dt, u, B, C, A, h, D=None, z=None):
         laid_out = [layout.gather(t) for t in (dt, u, B, C)]
-        y, h_final = _ChunkedTokenLoop.apply(*laid_out, A, h, layout, workspace)
+        z = None if z is None else layout.gather(z)
+        y, h_final = _ChunkedTokenLoop.apply(*laid_out, A, h, D, z, layout, workspace)
         return layout.scatter(y), h_final
 
     assert torch.autograd.gradcheck(loop, inputs)

@@ -297,22 +297,20 @@ def _token_loop_backward(
     workspace: _Workspace,
     out: tuple[torch.Tensor, ...],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The backward of one chunk's token loop (`_scan_chunk` with one block): dt, u, dy
-    `[b, L, G, P]`; B, C `[b, L, G, N]`; A `[G, N, P]` (log2 units); h, dh_out `[b, G, N, P]`,
-    the states entering the chunk and the gradient of those leaving it; workspace: four
-    buffers of at least b L G N P floats; out: the tensors that take the gradients of dt, u, B
-    and C.
+    """The backward of one chunk's token loop (`_scan_chunk` with one block), once
+    `_scan_chunk` has put the chunk's decays and states in workspace buffers 0 and 1: dt, u, dy
+    `[b, L, G, P]` (dy: of the scan's output sum_n C h); B, C `[b, L, G, N]`; A `[G, N, P]`
+    (log2 units); h, dh_out `[b, G, N, P]`, the states entering the chunk and the gradient of
+    those leaving it; out: the tensors that take the gradients of dt, u, B and C.
 
-    Recomputes the chunk's decays and states from h, runs the adjoint recurrence
-    dh_j = C_j dy_j + a_{j+1} dh_{j+1} from the last token back, one in-place op per token, and
-    then finds every gradient in a few whole-chunk ops. Returns the gradients of A
-    (`[G, N, P]`, summed over the chunk) and of h.
+    Runs the adjoint recurrence dh_j = C_j dy_j + a_{j+1} dh_{j+1} from the last token back,
+    one in-place op per token (in buffer 2), then finds every gradient in a few whole-chunk ops
+    (buffer 3 for the last). Returns the gradients of A (`[G, N, P]`, summed over the chunk)
+    and of h.
     """
     b, L, G, P = dt.shape
     N = B.shape[-1]
     shape = (b, 1, L, G, N, P)
-    # The decays a and every state, again (buffers 0 and 1).
-    _scan_chunk(dt, u, B, C, A, h, 1, workspace, readout=False)
     a, states, a_steps, _ = workspace.pairs(shape)
     dh, dh_steps = workspace.steps(2, shape)
 
@@ -346,6 +344,34 @@ def _token_loop_backward(
     return dA, a[:, 0] * dh[:, 0]
 
 
+def _gate_backward(
+    dy: torch.Tensor,
+    y_scan: torch.Tensor | None,
+    u: torch.Tensor,
+    D: torch.Tensor | None,
+    z: torch.Tensor | None,
+    dz: torch.Tensor | None,
+) -> torch.Tensor:
+    """The backward of y = (y_scan + D u) silu(z) on one chunk: dy, y_scan, u, z, dz
+    `[b, L, G, P]`, D `[G, P]`; y_scan is overwritten (needed only with z), dz takes z's
+    gradient. Returns the gradient of y_scan; u's and D's parts are the caller's."""
+    if z is None:
+        return dy
+    y = y_scan if D is None else y_scan.addcmul_(D, u)
+    sig = torch.sigmoid(z)
+    # silu'(z) = sig (1 + z (1 - sig))
+    torch.mul(dy * y, sig * (1 + z * (1 - sig)), out=dz)
+    return dy * (z * sig)
+
+
+def _gate(y: torch.Tensor, u: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None):
+    """y = (y + D u) silu(z) in place on one chunk: y, u, z `[b, L, G, P]`, D `[G, P]`."""
+    if D is not None:
+        y.addcmul_(D, u)
+    if z is not None:
+        y.mul_(F.silu(z))
+
+
 def _carry_states(layout, h: torch.Tensor, inputs: list[torch.Tensor], scan, keep_entering=False):
     """Chunk after chunk of `layout`, carrying the states: `scan(h_k, *inputs_k)` returns
     (y_k, the states leaving chunk k) for the `active` sequences of chunk k, whose entering
@@ -367,50 +393,65 @@ def _carry_states(layout, h: torch.Tensor, inputs: list[torch.Tensor], scan, kee
 
 
 class _ChunkedTokenLoop(torch.autograd.Function):
-    """Every chunk's token loop (`_scan_chunk` with one block), with a backward of its own:
-    dt, u `[..., G, P]` and B, C `[..., G, N]` laid out by `layout` (`layout.gather`), A
-    `[G, N, P]` (log2 units), h `[num_seqs, G, N, P]` the initial states; workspace: four
-    buffers of at least one chunk's b L G N P floats, shared by the chunks (they run one at a
-    time, forward and backward). Returns y, laid out like dt, and the final states.
+    """Every chunk's token loop (`_scan_chunk` with one block), then the D skip and the silu
+    gate, with a backward of its own: dt, u, z `[..., G, P]` and B, C `[..., G, N]` laid out by
+    `layout` (`layout.gather`); A `[G, N, P]` (log2 units); h `[num_seqs, G, N, P]` the initial
+    states; D `[G, P]`; D and z may be None; workspace: four buffers of at least one chunk's
+    b L G N P floats, shared by the chunks (they run one at a time, forward and backward).
+    Returns y, laid out like dt, and the final states.
 
     Autograd through the loop would record an op per token and reduce every broadcast product
     on its own, and a node per chunk would assemble each input's gradient with a sequence-sized
     concatenation. Here the forward keeps only its inputs and the states entering each chunk;
-    the backward visits the chunks last to first (`_token_loop_backward`), writing each one's
-    gradients in place into sequence-sized tensors and carrying dh between chunks.
+    the backward visits the chunks last to first, recomputing each one's states (and, with z,
+    its scan output), writing its gradients in place into sequence-sized tensors and carrying
+    dh between chunks. Nothing sequence-sized is made but y and the gradients.
     """
 
     @staticmethod
-    def forward(ctx, dt, u, B, C, A, h, layout, workspace):
+    def forward(ctx, dt, u, B, C, A, h, D, z, layout, workspace):
         y = torch.empty_like(dt)
+        inputs = [dt, u, B, C, y] + ([] if z is None else [z])
 
-        def scan(h_k, dt_k, u_k, B_k, C_k, y_k):
-            return _scan_chunk(dt_k, u_k, B_k, C_k, A, h_k, 1, workspace, out=y_k)
+        def scan(h_k, dt_k, u_k, B_k, C_k, y_k, z_k=None):
+            h_k = _scan_chunk(dt_k, u_k, B_k, C_k, A, h_k, 1, workspace, out=y_k)[1]
+            _gate(y_k, u_k, D, z_k)
+            return y_k, h_k
 
-        _, h, entering = _carry_states(layout, h, [dt, u, B, C, y], scan, keep_entering=True)
-        ctx.save_for_backward(dt, u, B, C, A, entering)
+        _, h, entering = _carry_states(layout, h, inputs, scan, keep_entering=True)
+        ctx.save_for_backward(dt, u, B, C, A, D, z, entering)
         ctx.layout, ctx.workspace = layout, workspace
         return y, h
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy, dh):
-        dt, u, B, C, A, entering = ctx.saved_tensors
-        layout = ctx.layout
+        dt, u, B, C, A, D, z, entering = ctx.saved_tensors
+        layout, workspace = ctx.layout, ctx.workspace
         grads = [torch.empty_like(t) for t in (dt, u, B, C)]
-        dA = torch.zeros_like(A)
+        dz = None if z is None else torch.empty_like(z)
+        dA, dD = torch.zeros_like(A), None if D is None else torch.zeros_like(D)
         chunks = zip(
             layout.active,
             entering.split(layout.active),
             *(layout.chunks(t) for t in (dt, u, B, C, dy, *grads)),
+            *([] if z is None else [layout.chunks(z), layout.chunks(dz)]),
             strict=True,
         )
         for active, h_k, dt_k, u_k, B_k, C_k, dy_k, *grads_k in reversed(list(chunks)):
-            args = (dt_k, u_k, B_k, C_k, A, h_k, dy_k, dh[:active], ctx.workspace, grads_k)
+            z_k, dz_k = grads_k[4:] or (None, None)
+            # The decays and states again; with z, the scan's output too (into buffer 3).
+            y_scan = None if z is None else workspace.buffer(3, dt_k.shape)
+            _scan_chunk(dt_k, u_k, B_k, C_k, A, h_k, 1, workspace, y_scan, z is not None)
+            dy_scan = _gate_backward(dy_k, y_scan, u_k, D, z_k, dz_k)
+            args = (dt_k, u_k, B_k, C_k, A, h_k, dy_scan, dh[:active], workspace, grads_k[:4])
             dA_k, dh_k = _token_loop_backward(*args)
             dA += dA_k
+            if D is not None:
+                grads_k[1].addcmul_(dy_scan, D)
+                dD += (dy_scan * u_k).sum((0, 1))
             dh = dh_k if active == dh.shape[0] else torch.cat([dh_k, dh[active:]])
-        return *grads, dA, dh, None, None
+        return *grads, dA, dh, dD, dz, None, None
 
 
 class _DenseChunks:
@@ -594,7 +635,9 @@ def selective_scan_chunk_ref(
         _, h, _ = _carry_states(layout, h, inputs, scan)
         y = inputs[0]
     elif S == 1:
-        y, h = _ChunkedTokenLoop.apply(*inputs, A2, h, layout, workspace)
+        D_ = None if D is None else D.to(dtype).view(G, P)
+        z_ = None if z is None else layout.gather(z.to(dtype).reshape(Bsz, T, G, P))
+        y, h = _ChunkedTokenLoop.apply(*inputs, A2, h, D_, z_, layout, workspace)
     else:
 
         def scan(h_k, dt_k, u_k, B_k, C_k):
@@ -606,7 +649,8 @@ def selective_scan_chunk_ref(
     y = layout.scatter(y).reshape(Bsz, T, Dm)
 
     if needs_grad:
-        y = _skip_and_gate(y, u_, D, z)
+        if S > 1:  # the token loop has done them
+            y = _skip_and_gate(y, u_, D, z)
     else:  # y is a buffer of our own: the skip and gate in place
         if D is not None:
             y.addcmul_(D.to(dtype), u_)
