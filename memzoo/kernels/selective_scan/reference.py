@@ -562,12 +562,13 @@ def selective_scan_chunk_ref(
     B == 1) packs sequences along T; it is read on the host.
     Returns y `[B, T, Dm]` and the final state `[N_seq, Dm, N]` (None unless asked).
 
-    softplus, the D skip and the silu gate run once on the whole sequence, where each op is
-    wide enough to use every thread. Memory: O(T Dm) for those plus O(chunk_size Dm N) for one
-    chunk: one workspace that every chunk reuses. With autograd, the token loop (the default,
-    `_ChunkedTokenLoop`) keeps only its inputs and the states entering each chunk, and its
-    backward recomputes a chunk's states and runs the adjoint recurrence, chunk by chunk;
-    blocks go through autograd op by op, each chunk checkpointed.
+    softplus runs once on the whole sequence, where the op is wide enough to use every thread;
+    so do the D skip and the silu gate without autograd. Memory: O(T Dm) for those plus
+    O(chunk_size Dm N) for one chunk: one workspace that every chunk reuses. With autograd, the
+    token loop (the default, `_ChunkedTokenLoop`) does the skip and the gate chunk by chunk,
+    keeps only its inputs and the states entering each chunk, and its backward recomputes a
+    chunk's states and runs the adjoint recurrence, chunk by chunk; blocks go through autograd
+    op by op, each chunk checkpointed.
     """
     for name, value in (("chunk_size", chunk_size), ("block_size", block_size)):
         if value is not None and value < 1:
