@@ -438,13 +438,13 @@ class _ChunkedTokenLoop(torch.autograd.Function):
             *([] if z is None else [layout.chunks(z), layout.chunks(dz)]),
             strict=True,
         )
-        for active, h_k, dt_k, u_k, B_k, C_k, dy_k, *grads_k in reversed(list(chunks)):
-            z_k, dz_k = grads_k[4:] or (None, None)
+        for active, h_k, dt_k, u_k, B_k, C_k, dy_k, *rest in reversed(list(chunks)):
+            grads_k, (z_k, dz_k) = rest[:4], rest[4:] or (None, None)
             # The decays and states again; with z, the scan's output too (into buffer 3).
             y_scan = None if z is None else workspace.buffer(3, dt_k.shape)
             _scan_chunk(dt_k, u_k, B_k, C_k, A, h_k, 1, workspace, y_scan, z is not None)
             dy_scan = _gate_backward(dy_k, y_scan, u_k, D, z_k, dz_k)
-            args = (dt_k, u_k, B_k, C_k, A, h_k, dy_scan, dh[:active], workspace, grads_k[:4])
+            args = (dt_k, u_k, B_k, C_k, A, h_k, dy_scan, dh[:active], workspace, grads_k)
             dA_k, dh_k = _token_loop_backward(*args)
             dA += dA_k
             if D is not None:
