@@ -91,15 +91,17 @@ def case_id(B, T, Dm, N, G, options):
     return f"B{B}-T{T}-D{Dm}-N{N}-G{G}-" + ("+".join(options) or "plain")
 
 
+@pytest.mark.parametrize("block_size", [8, None], ids=["blocks", "token-loop"])
 @pytest.mark.parametrize(
     "Bsz,T,Dm,N,G,options", [pytest.param(*case, id=case_id(*case)) for case in CASES]
 )
-def test_chunk_equals_recurrent_forward_and_gradients(Bsz, T, Dm, N, G, options):
+def test_chunk_equals_recurrent_forward_and_gradients(Bsz, T, Dm, N, G, options, block_size):
+    """With autograd: blocks of 8 through autograd op by op, or (None) the token loop with its
+    own backward; chunks of 64, so T = 100 and 256 cross several."""
     inputs, flags = make_inputs(Bsz, T, Dm, N, G, seed=T + Dm, options=options)
     y_ref, final_ref, grads_ref = forward_and_grads(selective_scan_recurrent_ref, inputs, flags)
-    # Small chunks and blocks, so T = 100 and 256 cross several of each.
     y, final, grads = forward_and_grads(
-        selective_scan_chunk_ref, inputs, flags, chunk_size=64, block_size=8
+        selective_scan_chunk_ref, inputs, flags, chunk_size=64, block_size=block_size
     )
     assert y.shape == (Bsz, T, Dm) and final.shape == (Bsz, Dm, N)
     assert_close("y", y_ref, y, F64)
