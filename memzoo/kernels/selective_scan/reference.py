@@ -344,7 +344,7 @@ def _token_loop_backward(
     return dA, a[:, 0] * dh[:, 0]
 
 
-def _gate_backward(
+def _skip_and_gate_backward(
     dy: torch.Tensor,
     y_scan: torch.Tensor | None,
     u: torch.Tensor,
@@ -364,8 +364,11 @@ def _gate_backward(
     return dy * (z * sig)
 
 
-def _gate(y: torch.Tensor, u: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None):
-    """y = (y + D u) silu(z) in place on one chunk: y, u, z `[b, L, G, P]`, D `[G, P]`."""
+def _skip_and_gate_(
+    y: torch.Tensor, u: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None
+) -> None:
+    """`_skip_and_gate` in place on one chunk: y = (y + D u) silu(z); y, u, z `[b, L, G, P]`,
+    D `[G, P]`."""
     if D is not None:
         y.addcmul_(D, u)
     if z is not None:
@@ -415,7 +418,7 @@ class _ChunkedTokenLoop(torch.autograd.Function):
 
         def scan(h_k, dt_k, u_k, B_k, C_k, y_k, z_k=None):
             h_k = _scan_chunk(dt_k, u_k, B_k, C_k, A, h_k, 1, workspace, out=y_k)[1]
-            _gate(y_k, u_k, D, z_k)
+            _skip_and_gate_(y_k, u_k, D, z_k)
             return y_k, h_k
 
         _, h, entering = _carry_states(layout, h, inputs, scan, keep_entering=True)
@@ -443,7 +446,7 @@ class _ChunkedTokenLoop(torch.autograd.Function):
             # The decays and states again; with z, the scan's output too (into buffer 3).
             y_scan = None if z is None else workspace.buffer(3, dt_k.shape)
             _scan_chunk(dt_k, u_k, B_k, C_k, A, h_k, 1, workspace, y_scan, z is not None)
-            dy_scan = _gate_backward(dy_k, y_scan, u_k, D, z_k, dz_k)
+            dy_scan = _skip_and_gate_backward(dy_k, y_scan, u_k, D, z_k, dz_k)
             args = (dt_k, u_k, B_k, C_k, A, h_k, dy_scan, dh[:active], workspace, grads_k)
             dA_k, dh_k = _token_loop_backward(*args)
             dA += dA_k
