@@ -358,10 +358,8 @@ def _skip_and_gate_backward(
     if z is None:
         return dy
     y = y_scan if D is None else y_scan.addcmul_(D, u)
-    sig = torch.sigmoid(z)
-    # silu'(z) = sig (1 + z (1 - sig))
-    torch.mul(dy * y, sig * (1 + z * (1 - sig)), out=dz)
-    return dy * (z * sig)
+    torch.ops.aten.silu_backward.grad_input(dy * y, z, grad_input=dz)  # dy y silu'(z), fused
+    return dy * F.silu(z)
 
 
 def _skip_and_gate_(
