@@ -41,6 +41,7 @@ def _worker(impl: str, T: int, args: argparse.Namespace) -> dict:
     import torch
 
     from memzoo.kernels.selective_scan.reference import (
+        _default_chunk_size,
         selective_scan_chunk_ref,
         selective_scan_recurrent_ref,
     )
@@ -86,6 +87,7 @@ def _worker(impl: str, T: int, args: argparse.Namespace) -> dict:
     defaults = inspect.signature(selective_scan_chunk_ref).parameters
     row = {
         "chunk_size": defaults["chunk_size"].default,
+        "chunk_tokens": defaults["chunk_size"].default or _default_chunk_size(Bsz * Dm * N, 4),
         "block_size": defaults["block_size"].default,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -183,7 +185,8 @@ def write_table(rows: list[dict], args: argparse.Namespace, command: str) -> Pat
         "machine slows both alike); the table gives the median over processes, and the "
         "speed-up is the median of each process's own ratio, [min-max] over processes. "
         f"'chunk' is the CPU path (`selective_scan_chunk_ref`, chunk_size="
-        f"{rows[0]['chunk_size']}, {block}), 'recurrent' the token-by-token oracle "
+        f"{rows[0]['chunk_size']}: chunks of {rows[0]['chunk_tokens']} tokens at this width, "
+        f"{block}), 'recurrent' the token-by-token oracle "
         "(`selective_scan_recurrent_ref`). Memory: peak RSS growth during the call, measured "
         "in a fresh process after the inputs are allocated, under the default allocator and "
         "with glibc's mmap threshold pinned at 64 KiB (no heap fragmentation: what the "

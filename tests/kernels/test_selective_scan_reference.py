@@ -10,6 +10,7 @@ from memzoo.kernels._core import BackendUnavailableError, registered_ops
 from memzoo.kernels.selective_scan.reference import (
     _blocks_per_chunk,
     _ChunkedTokenLoop,
+    _default_chunk_size,
     _DenseChunks,
     _PackedChunks,
     _Workspace,
@@ -151,6 +152,37 @@ def test_block_count_rule():
     assert _blocks_per_chunk(64, 80, None, autograd=True) == 1
     assert _blocks_per_chunk(64, 80, 16, autograd=False) == 4
     assert _blocks_per_chunk(100, 80, 7, autograd=True) == 15
+
+
+def test_default_chunk_size_rule():
+    """Chunks of 64 tokens up to 4 MiB of states each, shorter (powers of two, at least 8) for
+    wider states; fp64 states count double."""
+    assert _default_chunk_size(512 * 16, 4) == 64
+    assert _default_chunk_size(20 * 4, 4) == 64
+    assert _default_chunk_size(2 * 512 * 16, 4) == 64
+    assert _default_chunk_size(3 * 512 * 16, 4) == 32
+    assert _default_chunk_size(16 * 256 * 16, 4) == 16
+    assert _default_chunk_size(16 * 256 * 16, 8) == 8
+    assert _default_chunk_size(1024 * 1024 * 16, 4) == 8
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+def test_default_chunks_of_a_wide_state(packed):
+    """8 sequences of Dm=512, N=16 in fp64 get the shortest default chunks (8 tokens): forward
+    and every gradient equal the recurrence across chunk boundaries, dense and packed."""
+    Bsz, T, Dm, N, G = (1, 80, 512, 16, 2) if packed else (8, 20, 512, 16, 2)
+    lengths = [20, 13, 9, 8, 7, 10, 1, 12] if packed else None
+    cu = None if lengths is None else cu_seqlens_from_lengths(lengths)
+    assert _default_chunk_size(8 * Dm * N, 8) == 8
+    inputs, flags = make_inputs(Bsz, T, Dm, N, G, seed=24, num_seqs=None if cu is None else 8)
+    y_ref, final_ref, grads_ref = forward_and_grads(
+        selective_scan_recurrent_ref, inputs, flags, cu_seqlens=cu
+    )
+    y, final, grads = forward_and_grads(selective_scan_chunk_ref, inputs, flags, cu_seqlens=cu)
+    assert_close("y", y_ref, y, F64)
+    assert_close("final", final_ref, final, F64)
+    for name, ref in grads_ref.items():
+        assert_close(f"d{name}", ref, grads[name], F64)
 
 
 @pytest.mark.parametrize("Dm,N", [(20, 4), (256, 16)], ids=["narrow-blocks", "wide-token-loop"])
