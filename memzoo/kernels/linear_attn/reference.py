@@ -11,8 +11,9 @@ Three forms, each checked against the others in tests:
 - `linear_attn_quadratic_ref`: the `[T, T]` decay-masked attention matrix (no varlen).
 - `linear_attn_recurrent_ref`: token by token through `linear_attn_step_ref`, the decode step.
 - `linear_attn_chunk_ref`: the CPU path. Quadratic inside chunks of C tokens, states passed
-  from chunk to chunk: memory linear in T, differentiable by autograd. Packed sequences are
-  laid out chunk-aligned, so every chunk belongs to one sequence and all chunks run as one batch.
+  from chunk to chunk: memory linear in T, with a backward of its own (`_ChunkedLinearAttn`).
+  Packed sequences are laid out chunk-aligned, so every chunk belongs to one sequence and all
+  chunks run as one batch.
 All compute in fp32 (fp64 for fp64 inputs); o comes back in v's dtype, states in fp32 (fp64).
 """
 
@@ -204,23 +205,48 @@ class _DenseChunks:
     def pass_states(
         self, dS: torch.Tensor, decay: torch.Tensor | None, S0: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """States entering each chunk `[num_chunks, H, K, V]` and final states `[B, H, K, V]`.
+        """States entering each chunk `[num_chunks, H, ...]` and final states `[B, H, ...]`.
 
-        dS: `[num_chunks, H, K, V]` what each chunk adds, decayed to its end; decay:
-        `[num_chunks, H]` the chunk's total decay exp(b_L), or None; S0: `[B, H, K, V]`.
+        dS: `[num_chunks, H, ...]` what each chunk adds, decayed to its end (`[K, V]` states);
+        decay: `[num_chunks, H]` the chunk's total decay exp(b_L), or None; S0: `[B, H, ...]`.
         """
         if self.per_sequence == 0:
             return dS, S0
         # unbind, not dS[:, j]: the backward of T / C selects would zero-fill T / C full-size
         # gradients (quadratic in T); unbind's backward is one stack.
-        dS_steps = dS.view(self.B, self.per_sequence, *dS.shape[1:]).unbind(1)
-        if decay is not None:
-            decay_steps = decay.view(self.B, self.per_sequence, -1, 1, 1).unbind(1)
+        dS_steps = self._steps(dS)
+        decay_steps = None if decay is None else self._steps(_broadcastable(decay, dS))
         S, entering = S0, []
         for j in range(self.per_sequence):
             entering.append(S)
             S = dS_steps[j] + S if decay is None else torch.addcmul(dS_steps[j], decay_steps[j], S)
         return torch.stack(entering, dim=1).flatten(0, 1), S
+
+    def pass_state_grads(
+        self, dS_own: torch.Tensor, decay: torch.Tensor | None, dS_final: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reverse of `pass_states`: gradients of the states leaving each chunk
+        `[num_chunks, H, ...]` and of the initial states `[B, H, ...]`.
+
+        dS_own: `[num_chunks, H, ...]` the gradient a chunk's own outputs send to the state
+        entering it; decay as in `pass_states`; dS_final: `[B, H, ...]` that of the final states.
+        """
+        if self.per_sequence == 0:
+            return dS_own, dS_final
+        own_steps = self._steps(dS_own)
+        decay_steps = None if decay is None else self._steps(_broadcastable(decay, dS_own))
+        dS, leaving = dS_final, [dS_final] * self.per_sequence
+        for j in reversed(range(self.per_sequence)):
+            leaving[j] = dS
+            if decay is None:
+                dS = own_steps[j] + dS
+            else:
+                dS = torch.addcmul(own_steps[j], decay_steps[j], dS)
+        return torch.stack(leaving, dim=1).flatten(0, 1), dS
+
+    def _steps(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """`[num_chunks, ...]` -> per_sequence tensors `[B, ...]`, one per chunk index."""
+        return x.view(self.B, self.per_sequence, *x.shape[1:]).unbind(1)
 
 
 class _PackedChunks:
@@ -271,13 +297,13 @@ class _PackedChunks:
     def pass_states(
         self, dS: torch.Tensor, decay: torch.Tensor | None, S0: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """As `_DenseChunks.pass_states`, for N packed sequences (S0 `[N, H, K, V]`)."""
+        """As `_DenseChunks.pass_states`, for N packed sequences (S0 `[N, H, ...]`)."""
         S = S0 if self.order is None else S0[self.order]
         # One gather and a split (not an index per step, whose backward would zero-fill a
         # full-size gradient at every step).
         dS_steps = dS[self.step_chunks].split(self.active)
         if decay is not None:
-            decay_steps = decay[self.step_chunks][..., None, None].split(self.active)
+            decay_steps = _broadcastable(decay, dS)[self.step_chunks].split(self.active)
         N, entering = S.shape[0], []
         for j, active in enumerate(self.active):
             S_active = S[:active]
@@ -292,6 +318,125 @@ class _PackedChunks:
             return dS, final
         S_in = torch.cat(entering)
         return (S_in if self.to_chunk_order is None else S_in[self.to_chunk_order]), final
+
+    def pass_state_grads(
+        self, dS_own: torch.Tensor, decay: torch.Tensor | None, dS_final: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """As `_DenseChunks.pass_state_grads`, for N packed sequences (dS_final `[N, H, ...]`)."""
+        if not self.active:
+            return dS_own, dS_final
+        dS = dS_final if self.order is None else dS_final[self.order]
+        own_steps = dS_own[self.step_chunks].split(self.active)
+        if decay is not None:
+            decay_steps = _broadcastable(decay, dS_own)[self.step_chunks].split(self.active)
+        N, leaving = dS.shape[0], [dS] * len(self.active)
+        for j in reversed(range(len(self.active))):
+            active = self.active[j]
+            dS_active = dS[:active]
+            leaving[j] = dS_active
+            if decay is None:
+                dS_active = own_steps[j] + dS_active
+            else:
+                dS_active = torch.addcmul(own_steps[j], decay_steps[j], dS_active)
+            dS = dS_active if active == N else torch.cat([dS_active, dS[active:]])
+        dS_leaving = torch.cat(leaving)
+        if self.to_chunk_order is not None:
+            dS_leaving = dS_leaving[self.to_chunk_order]
+        return dS_leaving, (dS if self.unsort is None else dS[self.unsort])
+
+
+def _broadcastable(decay: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+    """`[num_chunks, H]` decays as `[num_chunks, H, 1, ...]`, to scale `states`."""
+    return decay.view(*decay.shape, *([1] * (states.dim() - decay.dim())))
+
+
+def _chunk_forward(q, k, v, g, S0, layout):
+    """The chunked forward: q (scaled), k `[B, T, H, K]`, v `[B, T, H, V]`, g `[B, T, H]` or None,
+    S0 `[N, H, K, V]`, all in the compute dtype.
+
+    Returns o `[B, T, H, V]`, the final states `[N, H, K, V]`, and what the backward reads:
+    the chunked q, k, v `[NC, H, C, D]`, the decayed attention A = (Q K^T) ⊙ M and M itself
+    `[NC, H, C, C]`, the row scales exp(b) and exp(b_L - b) `[NC, H, C, 1]`, the chunks' total
+    decays exp(b_L) `[NC, H]` and the states entering each chunk `[NC, H, K, V]` (M and the
+    decays None without g).
+    """
+    qc, kc, vc = layout.to_chunks(q), layout.to_chunks(k), layout.to_chunks(v)
+    A = qc @ kc.transpose(-1, -2)  # [NC, H, C, C], a fresh tensor: masked in place
+    if g is None:
+        M = q_scale = k_scale = decay = None
+        A = A.tril_()
+        qd, kd = qc, kc
+    else:
+        # Padding has g = 0, so b is flat after a ragged chunk's last token and b_L is its value.
+        b = layout.to_chunks(g[..., None])[..., 0].cumsum(-1)  # [NC, H, C]
+        b_last = b[..., -1:]
+        M = _causal_decay(b)
+        A = A.mul_(M)
+        q_scale, k_scale = b.exp()[..., None], (b_last - b).exp()[..., None]
+        qd, kd = qc * q_scale, kc * k_scale
+        decay = b_last[..., 0].exp()
+    S_in, S_final = layout.pass_states(kd.transpose(-1, -2) @ vc, decay, S0)
+    # o = (Q * exp(b)) S_in + A V: one product, then the other added into it.
+    oc = torch.bmm(qd.flatten(0, 1), S_in.flatten(0, 1))
+    oc = oc.baddbmm_(A.flatten(0, 1), vc.flatten(0, 1)).view(vc.shape)
+    return layout.from_chunks(oc), S_final, (qc, kc, vc, A, M, q_scale, k_scale, decay, S_in)
+
+
+class _ChunkedLinearAttn(torch.autograd.Function):
+    """`_chunk_forward` with a backward of its own (ALGORITHMS.md, chunked gated linear
+    attention): per chunk, dA = (dO V^T) ⊙ M, dQ = dA K + (dO S_in^T) * exp(b),
+    dK = dA^T Q + (V dS_out^T) * exp(b_L - b), dV = A^T dO + (K * exp(b_L - b)) dS_out, with
+    dS_out (the gradient of the state leaving a chunk) passed from the last chunk to the first.
+    The decay's gradient needs no derivative of any exponential: with B_t the cumulative
+    log-decay of the sequence, dL/dB_t = q_t · dq_t - k_t · dk_t (+ <dS_final, S_final> at the
+    last token), and dg is its reverse cumulative sum within each sequence.
+
+    Autograd through the forward would keep the same tensors but take about twice as many passes
+    over the `[NC, H, C, C]` ones (the decay mask's exp, masked_fill and broadcast subtraction
+    each have a backward), each a fresh allocation.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, S0, layout):
+        o, S_final, saved = _chunk_forward(q, k, v, g, S0, layout)
+        ctx.layout = layout
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(*saved, S_final)
+        return o, S_final
+
+    @staticmethod
+    def backward(ctx, do, dS_final):
+        qc, kc, vc, A, M, q_scale, k_scale, decay, S_in, S_final = ctx.saved_tensors
+        layout = ctx.layout
+        doc = torch.zeros_like(vc) if do is None else layout.to_chunks(do)  # [NC, H, C, V]
+        if dS_final is None:
+            dS_final = torch.zeros_like(S_final)
+        qd, kd = (qc, kc) if decay is None else (qc * q_scale, kc * k_scale)
+
+        dS_out, dS0 = layout.pass_state_grads(qd.transpose(-1, -2) @ doc, decay, dS_final)
+        dvc = torch.bmm(kd.flatten(0, 1), dS_out.flatten(0, 1))
+        dvc = dvc.baddbmm_(A.flatten(0, 1).transpose(1, 2), doc.flatten(0, 1)).view(vc.shape)
+        dA = doc @ vc.transpose(-1, -2)  # [NC, H, C, C], fresh: masked in place
+        dA = dA.tril_() if M is None else dA.mul_(M)
+        dqc = doc @ S_in.transpose(-1, -2)
+        dkc = vc @ dS_out.transpose(-1, -2)
+        if decay is not None:
+            dqc, dkc = dqc.mul_(q_scale), dkc.mul_(k_scale)
+        dqc = dqc.flatten(0, 1).baddbmm_(dA.flatten(0, 1), kc.flatten(0, 1)).view(qc.shape)
+        dkc = dkc.flatten(0, 1).baddbmm_(dA.flatten(0, 1).transpose(1, 2), qc.flatten(0, 1))
+        dkc = dkc.view(kc.shape)
+
+        dg = None
+        if decay is not None and ctx.needs_input_grad[3]:
+            dB = (qc * dqc).sum(-1) - (kc * dkc).sum(-1)  # [NC, H, C]
+            # Suffix sums: within each chunk, then the totals of the sequence's later chunks
+            # (and the final state's term), passed back chunk to chunk like a state gradient.
+            dg = dB.flip(-1).cumsum(-1).flip(-1)
+            final = (dS_final * S_final).sum((-2, -1))  # [N, H]
+            later, _ = layout.pass_state_grads(dg[..., 0], None, final)
+            dg = layout.from_chunks((dg + later[..., None])[..., None])[..., 0]
+        grads = (layout.from_chunks(dqc), layout.from_chunks(dkc), layout.from_chunks(dvc))
+        return *grads, dg, dS0, None
 
 
 def linear_attn_chunk_ref(
@@ -312,7 +457,8 @@ def linear_attn_chunk_ref(
 
     cu_seqlens (int32 `[N + 1]`, B == 1) packs sequences along T; it is read on the host.
     Returns o `[B, T, H, V]` and the final state (`[N, H, K, V]`, or the pair with z `[N, H, K]`).
-    Memory is O(T (C + K V / C)) per head; nothing is `[T, T]`.
+    Memory is O(T (C + K V / C)) per head; nothing is `[T, T]`. Under autograd the chunks go
+    through `_ChunkedLinearAttn`, whose backward is written out rather than traced.
     """
     if chunk_size < 1:
         raise ValueError(f"linear_attn_chunk_ref: chunk_size must be >= 1, got {chunk_size}")
@@ -333,26 +479,11 @@ def linear_attn_chunk_ref(
         # z is S for values of ones: carry it as an extra value column, [S | z] `[K, V + 1]`.
         v = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
         S0 = torch.cat([S0, z0[..., None]], dim=-1)
-    qc = layout.to_chunks(q.to(dtype) * scale)  # [NC, H, C, K]
-    kc = layout.to_chunks(k.to(dtype))
-    vc = layout.to_chunks(v)  # [NC, H, C, V (+ 1)]
-
-    A = qc @ kc.transpose(-1, -2)  # [NC, H, C, C]
-    if g is None:
-        A, decay = A.tril(), None
+    inputs = (q.to(dtype) * scale, k.to(dtype), v, None if g is None else g.to(dtype), S0)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+        o, S_final = _ChunkedLinearAttn.apply(*inputs, layout)
     else:
-        # Padding has g = 0, so b is flat after a ragged chunk's last token and b_L is its value.
-        b = layout.to_chunks(g.to(dtype)[..., None])[..., 0].cumsum(-1)  # [NC, H, C]
-        b_last = b[..., -1:]
-        A = A * _causal_decay(b)
-        qc = qc * b.exp()[..., None]
-        kc = kc * (b_last - b).exp()[..., None]
-        decay = b_last[..., 0].exp()
-    S_in, S_final = layout.pass_states(kc.transpose(-1, -2) @ vc, decay, S0)
-    # o = A V + Q S_in, the add fused into the second matmul.
-    oc = torch.baddbmm((A @ vc).flatten(0, 1), qc.flatten(0, 1), S_in.flatten(0, 1))
-    oc = oc.view(*vc.shape)
-    o = layout.from_chunks(oc)
+        o, S_final, _ = _chunk_forward(*inputs, layout)
     if normalize:
         o = o[..., :V] / (o[..., V:] + eps)
     o = o.to(out_dtype).contiguous()  # a ragged last chunk leaves a strided slice
