@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from memzoo.kernels import linear_attn, linear_attn_step
 from memzoo.kernels.linear_attn.reference import (
+    _default_chunk_size,
     linear_attn_chunk_ref,
     linear_attn_quadratic_ref,
     linear_attn_recurrent_ref,
@@ -127,6 +128,29 @@ def test_chunk_size_does_not_change_the_result(chunk_size):
     )
     assert_close("o", o_ref, o, F64)
     assert_states_close("final", final_ref, final, F64)
+
+
+@pytest.mark.parametrize(
+    ("K", "V", "chunk"), [(32, 32, 32), (16, 64, 32), (64, 64, 64), (128, 64, 64), (273, 65, 64)]
+)
+def test_default_chunk_size_follows_the_state_size(K, V, chunk):
+    assert _default_chunk_size(K, V) == chunk
+
+
+def test_default_chunks_equal_quadratic():
+    """Small states take chunks of 32: T = 100 is three full chunks and a ragged one."""
+    inputs = make_inputs(2, 100, 2, 8, 8, seed=23, decay=True)
+    leaves = {name: leaves_of(inputs) for name in ("quadratic", "chunk")}
+    outputs = {
+        name: FORMS[name](**leaves[name], scale=0.6, output_final_state=True) for name in leaves
+    }
+    assert_close("o", outputs["quadratic"][0], outputs["chunk"][0], F64)
+    assert_close("final", outputs["quadratic"][1], outputs["chunk"][1], F64)
+    for name in leaves:
+        backward_random(*outputs[name])
+    grads = {name: grads_of(leaves[name]) for name in leaves}
+    for key, ref in grads["quadratic"].items():
+        assert_close(f"d{key}", ref, grads["chunk"][key], F64)
 
 
 @pytest.mark.parametrize("name", list(FORMS))

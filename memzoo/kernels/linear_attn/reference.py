@@ -350,6 +350,18 @@ def _broadcastable(decay: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
     return decay.view(*decay.shape, *([1] * (states.dim() - decay.dim())))
 
 
+def _default_chunk_size(K: int, V: int) -> int:
+    """Tokens per chunk when chunk_size is None: 32 for states `[K, V]` smaller than 64 x 64,
+    else 64.
+
+    Per token, a chunk's `[C, C]` attention costs about C and its state K V / C. On a 2-core x86
+    VM, at K = V = 32 (Mamba-2 tiny's SSD) chunks of 32 run the forward 1.45x and forward +
+    backward 1.15x faster than chunks of 64; at K = V = 64 the two tie, and at K = 128, V = 64
+    chunks of 64 are 5-8% faster.
+    """
+    return 32 if K * V < 64 * 64 else 64
+
+
 def _chunk_forward(q, k, v, g, S0, layout):
     """The chunked forward: q (scaled), k `[B, T, H, K]`, v `[B, T, H, V]`, g `[B, T, H]` or None,
     S0 `[N, H, K, V]`, all in the compute dtype.
@@ -451,19 +463,23 @@ def linear_attn_chunk_ref(
     initial_state: State | None = None,
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
-    chunk_size: int = 64,
+    chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, State | None]:
     """Chunked form, the CPU path: q, k `[B, T, H, K]`, v `[B, T, H, V]`, g `[B, T, H]`.
+
+    chunk_size: tokens per chunk; None picks 32 or 64 from the state size (`_default_chunk_size`).
 
     cu_seqlens (int32 `[N + 1]`, B == 1) packs sequences along T; it is read on the host.
     Returns o `[B, T, H, V]` and the final state (`[N, H, K, V]`, or the pair with z `[N, H, K]`).
     Memory is O(T (C + K V / C)) per head; nothing is `[T, T]`. Under autograd the chunks go
     through `_ChunkedLinearAttn`, whose backward is written out rather than traced.
     """
-    if chunk_size < 1:
+    if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"linear_attn_chunk_ref: chunk_size must be >= 1, got {chunk_size}")
     B, T, H, K = q.shape
     V = v.shape[-1]
+    if chunk_size is None:
+        chunk_size = _default_chunk_size(K, V)
     dtype, out_dtype = _compute_dtype(q, k, v), v.dtype
     if cu_seqlens is None:
         layout = _DenseChunks(B, T, chunk_size)
