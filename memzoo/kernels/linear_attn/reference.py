@@ -362,22 +362,22 @@ def _default_chunk_size(K: int, V: int) -> int:
     return 32 if K * V < 64 * 64 else 64
 
 
-def _chunk_forward(q, k, v, g, S0, layout):
-    """The chunked forward: q (scaled), k `[B, T, H, K]`, v `[B, T, H, V]`, g `[B, T, H]` or None,
-    S0 `[N, H, K, V]`, all in the compute dtype.
+def _chunk_forward(q, k, v, g, S0, scale, layout, keep: bool):
+    """The chunked forward: q, k `[B, T, H, K]`, v `[B, T, H, V]`, g `[B, T, H]` or None,
+    S0 `[N, H, K, V]`, all in the compute dtype; q is scaled by `scale` here.
 
-    Returns o `[B, T, H, V]`, the final states `[N, H, K, V]`, and what the backward reads:
-    the chunked q, k, v `[NC, H, C, D]`, the decayed attention A = (Q K^T) ⊙ M and M itself
-    `[NC, H, C, C]`, the row scales exp(b) and exp(b_L - b) `[NC, H, C, 1]`, the chunks' total
-    decays exp(b_L) `[NC, H]` and the states entering each chunk `[NC, H, K, V]` (M and the
-    decays None without g).
+    Returns o `[B, T, H, V]`, the final states `[N, H, K, V]`, and with `keep` what the backward
+    reads (else ()): the chunked q (scaled), k and v `[NC, H, C, D]`, the decayed attention
+    A = (Q K^T) ⊙ M and M itself `[NC, H, C, C]`, the row scales exp(b) and exp(b_L - b)
+    `[NC, H, C, 1]`, the chunks' total decays exp(b_L) `[NC, H]` and the states entering each
+    chunk `[NC, H, K, V]` (M, the scales and the decays None without g).
     """
-    qc, kc, vc = layout.to_chunks(q), layout.to_chunks(k), layout.to_chunks(v)
+    # The scaled q is a temporary: scaling in the caller would keep it alive through the call.
+    qc = layout.to_chunks(q * scale)
+    kc, vc = layout.to_chunks(k), layout.to_chunks(v)
     A = qc @ kc.transpose(-1, -2)  # [NC, H, C, C], a fresh tensor: masked in place
     if g is None:
-        M = q_scale = k_scale = decay = None
-        A = A.tril_()
-        qd, kd = qc, kc
+        A, M, q_scale, k_scale, decay = A.tril_(), None, None, None, None
     else:
         # Padding has g = 0, so b is flat after a ragged chunk's last token and b_L is its value.
         b = layout.to_chunks(g[..., None])[..., 0].cumsum(-1)  # [NC, H, C]
@@ -385,13 +385,21 @@ def _chunk_forward(q, k, v, g, S0, layout):
         M = _causal_decay(b)
         A = A.mul_(M)
         q_scale, k_scale = b.exp()[..., None], (b_last - b).exp()[..., None]
-        qd, kd = qc * q_scale, kc * k_scale
         decay = b_last[..., 0].exp()
+    saved = (qc, kc, vc, A, M, q_scale, k_scale, decay) if keep else ()
+    # Tensors of T x H x (C or D) floats go as soon as they are spent: they set the peak.
+    del M
+    qd = qc if q_scale is None else qc * q_scale
+    del qc
+    kd = kc if k_scale is None else kc * k_scale
+    del kc
     S_in, S_final = layout.pass_states(kd.transpose(-1, -2) @ vc, decay, S0)
+    del kd
     # o = (Q * exp(b)) S_in + A V: one product, then the other added into it.
     oc = torch.bmm(qd.flatten(0, 1), S_in.flatten(0, 1))
+    del qd
     oc = oc.baddbmm_(A.flatten(0, 1), vc.flatten(0, 1)).view(vc.shape)
-    return layout.from_chunks(oc), S_final, (qc, kc, vc, A, M, q_scale, k_scale, decay, S_in)
+    return layout.from_chunks(oc), S_final, ((*saved, S_in) if keep else ())
 
 
 class _ChunkedLinearAttn(torch.autograd.Function):
@@ -403,15 +411,15 @@ class _ChunkedLinearAttn(torch.autograd.Function):
     log-decay of the sequence, dL/dB_t = q_t · dq_t - k_t · dk_t (+ <dS_final, S_final> at the
     last token), and dg is its reverse cumulative sum within each sequence.
 
-    Autograd through the forward would keep the same tensors but take about twice as many passes
+    Autograd through the forward would save more tensors and take about twice as many passes
     over the `[NC, H, C, C]` ones (the decay mask's exp, masked_fill and broadcast subtraction
     each have a backward), each a fresh allocation.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, g, S0, layout):
-        o, S_final, saved = _chunk_forward(q, k, v, g, S0, layout)
-        ctx.layout = layout
+    def forward(ctx, q, k, v, g, S0, scale, layout):
+        o, S_final, saved = _chunk_forward(q, k, v, g, S0, scale, layout, keep=True)
+        ctx.layout, ctx.scale = layout, scale
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(*saved, S_final)
         return o, S_final
@@ -423,20 +431,29 @@ class _ChunkedLinearAttn(torch.autograd.Function):
         doc = torch.zeros_like(vc) if do is None else layout.to_chunks(do)  # [NC, H, C, V]
         if dS_final is None:
             dS_final = torch.zeros_like(S_final)
-        qd, kd = (qc, kc) if decay is None else (qc * q_scale, kc * k_scale)
-
+        # The saved tensors live until this returns; the backward's own T x H x (C or D)
+        # tensors go as soon as they are spent, in the order that keeps the fewest alive.
+        qd = qc if decay is None else qc * q_scale
         dS_out, dS0 = layout.pass_state_grads(qd.transpose(-1, -2) @ doc, decay, dS_final)
+        del qd
+        kd = kc if decay is None else kc * k_scale
         dvc = torch.bmm(kd.flatten(0, 1), dS_out.flatten(0, 1))
+        del kd
         dvc = dvc.baddbmm_(A.flatten(0, 1).transpose(1, 2), doc.flatten(0, 1)).view(vc.shape)
-        dA = doc @ vc.transpose(-1, -2)  # [NC, H, C, C], fresh: masked in place
-        dA = dA.tril_() if M is None else dA.mul_(M)
-        dqc = doc @ S_in.transpose(-1, -2)
+        dv = layout.from_chunks(dvc)
+        del dvc
         dkc = vc @ dS_out.transpose(-1, -2)
+        del dS_out
+        dqc = doc @ S_in.transpose(-1, -2)
         if decay is not None:
             dqc, dkc = dqc.mul_(q_scale), dkc.mul_(k_scale)
+        dA = doc @ vc.transpose(-1, -2)  # [NC, H, C, C], fresh: masked in place
+        del doc
+        dA = dA.tril_() if M is None else dA.mul_(M)
         dqc = dqc.flatten(0, 1).baddbmm_(dA.flatten(0, 1), kc.flatten(0, 1)).view(qc.shape)
         dkc = dkc.flatten(0, 1).baddbmm_(dA.flatten(0, 1).transpose(1, 2), qc.flatten(0, 1))
         dkc = dkc.view(kc.shape)
+        del dA
 
         dg = None
         if decay is not None and ctx.needs_input_grad[3]:
@@ -447,8 +464,11 @@ class _ChunkedLinearAttn(torch.autograd.Function):
             final = (dS_final * S_final).sum((-2, -1))  # [N, H]
             later, _ = layout.pass_state_grads(dg[..., 0], None, final)
             dg = layout.from_chunks((dg + later[..., None])[..., None])[..., 0]
-        grads = (layout.from_chunks(dqc), layout.from_chunks(dkc), layout.from_chunks(dvc))
-        return *grads, dg, dS0, None
+        if ctx.scale != 1.0:  # the gradient of q before scaling
+            dqc = dqc.mul_(ctx.scale)
+        dq = layout.from_chunks(dqc)
+        del dqc
+        return dq, layout.from_chunks(dkc), dv, dg, dS0, None, None
 
 
 def linear_attn_chunk_ref(
@@ -495,11 +515,11 @@ def linear_attn_chunk_ref(
         # z is S for values of ones: carry it as an extra value column, [S | z] `[K, V + 1]`.
         v = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
         S0 = torch.cat([S0, z0[..., None]], dim=-1)
-    inputs = (q.to(dtype) * scale, k.to(dtype), v, None if g is None else g.to(dtype), S0)
+    inputs = (q.to(dtype), k.to(dtype), v, None if g is None else g.to(dtype), S0)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
-        o, S_final = _ChunkedLinearAttn.apply(*inputs, layout)
+        o, S_final = _ChunkedLinearAttn.apply(*inputs, scale, layout)
     else:
-        o, S_final, _ = _chunk_forward(*inputs, layout)
+        o, S_final, _ = _chunk_forward(*inputs, scale, layout, keep=False)
     if normalize:
         o = o[..., :V] / (o[..., V:] + eps)
     o = o.to(out_dtype).contiguous()  # a ragged last chunk leaves a strided slice
