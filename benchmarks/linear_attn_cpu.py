@@ -88,6 +88,9 @@ def _measure(impl: str, T: int, args: argparse.Namespace) -> dict:
 
 
 def write_table(rows: list[dict], args: argparse.Namespace, command: str) -> Path:
+    from memzoo.kernels.linear_attn.reference import _default_chunk_size
+
+    chunk = _default_chunk_size(args.dim, args.dim)
     forward = {(r["T"], r["impl"]): r["ms"] for r in rows}
     lines = [
         f"# linear_attn on CPU {platform.machine()} ({rows[0]['threads']} threads)",
@@ -97,8 +100,10 @@ def write_table(rows: list[dict], args: argparse.Namespace, command: str) -> Pat
         f"torch {rows[0]['torch']}. Memory: peak RSS growth during the call, measured in a fresh "
         "process after the inputs are allocated, under the default allocator and with glibc's "
         "mmap threshold pinned at 64 KiB (no heap fragmentation: what the algorithm holds). "
-        "Forward rows run under inference_mode; 'chunk fwd+bwd' is forward plus backward "
-        f"through autograd. Command: `{command}`",
+        f"'chunk' is `linear_attn_chunk_ref` with its default chunks ({chunk} tokens at this "
+        "state size). Forward rows run under inference_mode; 'chunk fwd+bwd' is forward plus "
+        "backward (the chunked path's own backward, `_ChunkedLinearAttn`), with a cotangent of "
+        f"ones for o and the final state. Command: `{command}`",
         "",
         "| T | implementation | time (ms) | peak memory (MiB) | peak, 64 KiB mmap threshold "
         "(MiB) | recurrence time / this |",
