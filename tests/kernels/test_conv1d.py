@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from memzoo.kernels import BackendUnavailableError, causal_conv1d, causal_conv1d_update
 from memzoo.kernels.conv1d.reference import (
+    conv1d_dense_ref,
     conv1d_recurrent_ref,
     conv1d_ref,
     conv1d_shift_ref,
@@ -48,10 +49,59 @@ def test_reference_forms_agree(W, T, activation):
     y, final = conv1d_ref(x, w, b, activation, s, True)
     y_shift, final_shift = conv1d_shift_ref(x, w, b, activation, s, True)
     y_rec, final_rec = conv1d_recurrent_ref(x, w, b, activation, s)
+    y_dense, final_dense = conv1d_dense_ref(x, w, b, activation, s, True)
+    assert_close("y dense", y, y_dense, 1e-12)
+    assert_close("final dense", final, final_dense, 1e-12)
     assert_close("y shift", y, y_shift, 1e-12)
     assert_close("final shift", final, final_shift, 1e-12)
     assert_close("y recurrent", y, y_rec, 1e-12)
     assert_close("final recurrent", final, final_rec, 1e-12)
+
+
+@pytest.mark.parametrize("activation", [None, "silu"])
+@pytest.mark.parametrize(("use_bias", "use_state"), [(True, True), (False, False)])
+@pytest.mark.parametrize("W", [1, 2, 4])
+def test_dense_form_gradcheck(W, use_bias, use_state, activation):
+    """The dense form's own backward against finite differences, T shorter and longer than W."""
+    for T in (2, 9):
+        x, w, b, s = make_inputs(2, T, 3, W, seed=T + 10 * W)
+        args = [x, w, b if use_bias else None, s if use_state else None]
+        leaves = [None if t is None else t.detach().clone().requires_grad_() for t in args]
+
+        def run(x, w, b, s):
+            return conv1d_dense_ref(x, w, b, activation, s, True)
+
+        assert torch.autograd.gradcheck(run, leaves)
+
+
+@pytest.mark.parametrize("requires_grad", ["all", "x only", "weights only"])
+def test_dense_form_gradients_equal_f_conv1d(requires_grad):
+    """fp32 gradients of the dense form (the CPU training path) against autograd through
+    F.conv1d, also when only some inputs want a gradient."""
+    inputs = make_inputs(3, 63, 7, 4, seed=21)
+    wanted = {"all": [0, 1, 2, 3], "x only": [0], "weights only": [1, 2]}[requires_grad]
+    results = {}
+    for name, fn in (("F.conv1d", conv1d_ref), ("dense", conv1d_dense_ref)):
+        leaves = [t.detach().float().requires_grad_(i in wanted) for i, t in enumerate(inputs)]
+        y, final = fn(*leaves[:3], "silu", leaves[3], True)
+        loss = (y * randn(*y.shape, seed=99)).sum() + (final * randn(*final.shape, seed=98)).sum()
+        loss.backward()
+        results[name] = [t.grad for t in leaves]
+    for i, (ref, out) in enumerate(zip(results["F.conv1d"], results["dense"], strict=True)):
+        if i in wanted:
+            assert_close(f"grad {i}", ref.double(), out.double(), 1e-6)
+        else:
+            assert out is None
+
+
+def test_dense_form_keeps_dtypes():
+    x, w, b, s = make_inputs(1, 5, 4, 3, seed=2)
+    y, final = conv1d_dense_ref(x.half(), w.half(), b.half(), "silu", s.half(), True)
+    assert y.dtype == torch.float16 and final.dtype == torch.float32
+    assert final.is_contiguous()
+    y_ref, final_ref = conv1d_ref(x, w, b, "silu", s, True)
+    assert_close("y", y_ref, y.double(), 2e-3)
+    assert_close("final", final_ref, final.double(), 2e-3)
 
 
 def test_reference_matches_nn_conv1d():
@@ -247,7 +297,7 @@ def test_auto_backend_on_cpu_uses_torch(monkeypatch):
     import memzoo.kernels.conv1d as conv1d
 
     calls = []
-    monkeypatch.setattr(conv1d, "conv1d_ref", lambda *a: calls.append("ref") or (a[0], None))
+    monkeypatch.setattr(conv1d, "conv1d_dense_ref", lambda *a: calls.append("ref") or (a[0], None))
     causal_conv1d(torch.zeros(1, 4, 2), torch.zeros(2, 3))
     assert calls == ["ref"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from memzoo.kernels._core import InputCheck, check_choice, register_op, resolve_backend
-from memzoo.kernels.conv1d.reference import conv1d_ref, conv1d_shift_ref, conv1d_update_ref
+from memzoo.kernels.conv1d.reference import conv1d_dense_ref, conv1d_shift_ref, conv1d_update_ref
 
 ACTIVATIONS = (None, "silu", "swish")
 MIN_WIDTH, MAX_WIDTH = 2, 8
@@ -86,10 +86,8 @@ def causal_conv1d(
         return causal_conv1d_triton(
             x, weight, bias, activation, initial_state, output_final_state, cu_seqlens
         )
-    # F.conv1d is fast for fp32/fp16/bf16 on CPU but falls back to a per-channel loop for
-    # fp64 (~100x slower); the shifted-sum form costs W multiply-adds in any dtype.
-    if cu_seqlens is None and x.dtype != torch.float64:
-        return conv1d_ref(x, weight, bias, activation, initial_state, output_final_state)
+    if cu_seqlens is None:
+        return conv1d_dense_ref(x, weight, bias, activation, initial_state, output_final_state)
     return conv1d_shift_ref(
         x, weight, bias, activation, initial_state, output_final_state, cu_seqlens
     )

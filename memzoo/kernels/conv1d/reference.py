@@ -4,8 +4,10 @@ Notation: x `[B, T, D]`, weight `[D, W]`, state `[N, D, W - 1]` holding the last
 of a sequence (oldest first), so `y_t[d] = bias[d] + sum_w weight[d, w] * x_{t - (W - 1) + w}[d]`
 where inputs before the start of a sequence come from its state (zeros without one).
 
-Three forms, each checked against the others in tests:
+Four forms, each checked against the others in tests:
 - `conv1d_ref`: F.conv1d over the state-padded input (one call per batch).
+- `conv1d_dense_ref`: the CPU path for dense batches: W shifted multiply-adds in x's own
+  time-major layout, with a backward of its own (`_ShiftedConv1d`).
 - `conv1d_shift_ref`: a sum of W shifted copies of x with per-token sequence bookkeeping, which
   handles packed variable-length batches without host syncs or Python loops.
 - `conv1d_recurrent_ref`: token by token through `conv1d_update_ref`, the decode step.
@@ -51,6 +53,78 @@ def conv1d_ref(
         groups=D,
     )
     return _activate(y, activation).transpose(1, 2).to(x.dtype), final_state
+
+
+def _shifted_sum(xp: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """bias + sum_w weight[:, w] * xp[:, w : w + T]: xp `[B, T + W - 1, D]` -> `[B, T, D]`."""
+    W = weight.shape[1]
+    T = xp.shape[1] - W + 1
+    first = xp[:, :T]
+    out = first * weight[:, 0] if bias is None else torch.addcmul(bias, first, weight[:, 0])
+    for w in range(1, W):
+        out.addcmul_(xp[:, w : w + T], weight[:, w])
+    return out
+
+
+class _ShiftedConv1d(torch.autograd.Function):
+    """y = act(pre), pre = bias + sum_w weight[:, w] * xp[:, w : w + T], on the state-padded input
+    xp `[B, T + W - 1, D]`. Backward: dpre = act'(pre) dy, dxp[:, w : w + T] += weight[:, w] dpre,
+    dweight[:, w] = sum over (b, t) of dpre * xp[:, w : w + T], dbias = sum over (b, t) of dpre.
+
+    Each is W multiply-adds over x's own layout. F.conv1d wants channels-first input (a
+    transposed copy each way) and its depthwise backward is slow on CPU: on a 2-core x86 VM this
+    runs forward + backward 1.5-2x faster at B=16 T=256 D=320 W=4 and B=4 T=1024 D=1024.
+    """
+
+    @staticmethod
+    def forward(ctx, xp, weight, bias, activation):
+        pre = _shifted_sum(xp, weight, bias)
+        ctx.activation, ctx.has_bias = activation, bias is not None
+        ctx.save_for_backward(xp, weight, None if activation is None else pre)
+        return _activate(pre, activation)
+
+    @staticmethod
+    def backward(ctx, dy):
+        xp, weight, pre = ctx.saved_tensors
+        W = weight.shape[1]
+        T = xp.shape[1] - W + 1
+        dpre = dy if pre is None else torch.ops.aten.silu_backward(dy, pre)
+        dxp = torch.zeros_like(xp) if ctx.needs_input_grad[0] else None
+        dweight = torch.empty_like(weight) if ctx.needs_input_grad[1] else None
+        for w in range(W):
+            if dxp is not None:
+                dxp[:, w : w + T].addcmul_(dpre, weight[:, w])
+            if dweight is not None:
+                dweight[:, w] = (dpre * xp[:, w : w + T]).sum((0, 1))
+        dbias = dpre.sum((0, 1)) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return dxp, dweight, dbias, None
+
+
+def conv1d_dense_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Causal depthwise conv of x `[B, T, D]` as W shifted multiply-adds (`_ShiftedConv1d`): the
+    CPU path for dense batches, in any float dtype. Returns (y `[B, T, D]` in x's dtype, the final
+    state `[B, D, W - 1]` in fp32 (fp64 for fp64 x) or None).
+    """
+    T, W = x.shape[1], weight.shape[1]
+    dtype = _compute_dtype(x)
+    if initial_state is None:
+        xp = F.pad(x.to(dtype), (0, 0, W - 1, 0))
+    else:
+        xp = torch.cat([initial_state.to(dtype).transpose(1, 2), x.to(dtype)], dim=1)
+    final_state = None
+    if output_final_state:
+        # A copy, not a view: a cached state must not keep the whole padded input alive.
+        final_state = xp[:, T:].transpose(1, 2).clone(memory_format=torch.contiguous_format)
+    bias = None if bias is None else bias.to(dtype)
+    y = _ShiftedConv1d.apply(xp, weight.to(dtype), bias, activation)
+    return y.to(x.dtype), final_state
 
 
 def _sequence_offsets(x: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
