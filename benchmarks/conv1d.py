@@ -1,7 +1,9 @@
 """Time causal_conv1d forward and forward+backward across sequence lengths.
 
 On CUDA: memzoo's Triton kernel vs the torch path (and Dao-AILab causal-conv1d when installed).
-On CPU: the torch path (F.conv1d) vs the varlen shift form. Writes a markdown table to
+On CPU: the torch path (dense batches: W shifted multiply-adds with their own backward) vs
+F.conv1d (`conv1d_ref`, the path before it) and the varlen shift form. The backward gets a fixed
+random cotangent, as in training. Writes a markdown table to
 benchmarks/results/conv1d-<device>.md (and a PNG when matplotlib is installed).
 
     python benchmarks/conv1d.py [--batch 4] [--dim 1024] [--width 4] [--lengths 512 2048 8192]
@@ -18,7 +20,7 @@ import torch
 from common import slug, write_result
 
 from memzoo.kernels import causal_conv1d
-from memzoo.kernels.conv1d.reference import conv1d_shift_ref
+from memzoo.kernels.conv1d.reference import conv1d_ref, conv1d_shift_ref
 
 
 def _timer(fn, device: torch.device, repeats: int) -> float:
@@ -40,7 +42,8 @@ def _implementations(device: torch.device) -> dict:
     """name -> fn(x, w, b) returning y, for what runs on this device."""
     if device.type != "cuda":
         return {
-            "torch (F.conv1d)": lambda x, w, b: causal_conv1d(x, w, b, activation="silu")[0],
+            "torch (dense path)": lambda x, w, b: causal_conv1d(x, w, b, activation="silu")[0],
+            "F.conv1d (conv1d_ref)": lambda x, w, b: conv1d_ref(x, w, b, "silu")[0],
             "torch (shift, varlen path)": lambda x, w, b: conv1d_shift_ref(x, w, b, "silu")[0],
         }
     impls = {
@@ -66,7 +69,9 @@ def _time_impl(fn, inputs, device: torch.device, repeats: int) -> tuple[float, f
     """(forward ms, forward+backward ms) of fn(x, w, b)."""
     forward = _timer(lambda: fn(*inputs), device, repeats)
     leaves = [t.clone().requires_grad_() for t in inputs]
-    both = _timer(lambda: fn(*leaves).float().sum().backward(), device, repeats)
+    generator = torch.Generator(device=device).manual_seed(0)
+    dy = torch.randn(inputs[0].shape, device=device, dtype=inputs[0].dtype, generator=generator)
+    both = _timer(lambda: fn(*leaves).backward(dy), device, repeats)
     return forward, both
 
 
