@@ -94,6 +94,15 @@ def test_dense_form_gradients_equal_f_conv1d(requires_grad):
             assert out is None
 
 
+def test_dense_form_double_backward_is_refused():
+    x, w, b, s = (t.requires_grad_() for t in make_inputs(1, 6, 2, 3, seed=4))
+    y, _ = conv1d_dense_ref(x, w, b, "silu", s)
+    cotangent = torch.ones_like(y, requires_grad=True)
+    (dx,) = torch.autograd.grad(y, x, cotangent, create_graph=True)
+    with pytest.raises(RuntimeError, match="twice"):
+        dx.sum().backward()
+
+
 def test_dense_form_keeps_dtypes():
     x, w, b, s = make_inputs(1, 5, 4, 3, seed=2)
     y, final = conv1d_dense_ref(x.half(), w.half(), b.half(), "silu", s.half(), True)

@@ -214,6 +214,17 @@ def test_chunk_backward_gradcheck(lengths, decay):
     assert torch.autograd.gradcheck(run, leaves)
 
 
+def test_chunk_double_backward_is_refused():
+    """The backward is written out, not traced: a second derivative raises, never comes out
+    silently wrong."""
+    leaves = leaves_of(make_inputs(1, 10, 1, 2, 2, seed=3, decay=True))
+    o, _ = linear_attn_chunk_ref(**leaves, scale=1.0)
+    cotangent = torch.ones_like(o, requires_grad=True)
+    (dq,) = torch.autograd.grad(o, leaves["q"], cotangent, create_graph=True)
+    with pytest.raises(RuntimeError, match="twice"):
+        dq.sum().backward()
+
+
 @pytest.mark.parametrize("used", ["output", "final state"])
 def test_chunk_gradients_when_one_output_is_unused(used):
     """Autograd hands the backward None for an unused output; it counts as a zero gradient."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -84,6 +85,7 @@ class _ShiftedConv1d(torch.autograd.Function):
         return _activate(pre, activation)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         xp, weight, pre = ctx.saved_tensors
         W = weight.shape[1]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
@@ -425,6 +426,7 @@ class _ChunkedLinearAttn(torch.autograd.Function):
         return o, S_final
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, do, dS_final):
         qc, kc, vc, A, M, q_scale, k_scale, decay, S_in, S_final = ctx.saved_tensors
         layout = ctx.layout
