@@ -162,11 +162,12 @@ class ChunkMoE(Mixer):
     initialised like nn.Linear.
 
     Compute. A call with few tokens (B * T * topk < E: decoding small batches) gathers the
-    chosen experts' weights per token and runs only those. Otherwise every expert runs densely
-    on every token and a gate that is zero for the experts a token's chunk did not pick
-    combines them: E / topk times the FLOPs of the selected experts (4x at the defaults), traded
-    for no host syncs, no dropped tokens and one GEMM per weight matrix. Both paths give the
-    same outputs.
+    chosen experts' weights per token and runs only those. On CPU each expert then runs on the
+    tokens whose chunk picked it (the per-expert counts are read on the host, which costs
+    nothing there). On other devices every expert runs densely on every token and a gate that
+    is zero for the experts a token's chunk did not pick combines them: E / topk times the FLOPs
+    of the selected experts (4x at the defaults), traded for no host syncs, no dropped tokens
+    and one GEMM per weight matrix. All three paths give the same outputs.
 
     `aux_loss` is set by every forward, training or eval, over the chunks with a token in x.
     Inference state: the sum of the current chunk's tokens and the next router input,
@@ -280,10 +281,37 @@ class ChunkMoE(Mixer):
         """sum_j weights_j * expert_{experts_j}(x): x `[B, T, d]`, experts/weights `[B, T, k]`."""
         B, T, _ = x.shape
         if B * T * self.topk < self.num_experts:
-            w1, w3, w2 = self.w1[experts], self.w3[experts], self.w2[experts]  # [B, T, k, ...]
-            h = F.silu(torch.einsum("btd,btkdh->btkh", x, w1))
-            h = h * torch.einsum("btd,btkdh->btkh", x, w3)
-            return torch.einsum("btkh,btkhd->btd", h * weights[..., None], w2)
+            return self._experts_gathered(x, experts, weights)
+        if x.device.type == "cpu":
+            return self._experts_grouped(x, experts, weights)
+        return self._experts_dense(x, experts, weights)
+
+    def _experts_gathered(self, x, experts, weights):
+        """Each token through its own k experts' weights, gathered per token."""
+        w1, w3, w2 = self.w1[experts], self.w3[experts], self.w2[experts]  # [B, T, k, ...]
+        h = F.silu(torch.einsum("btd,btkdh->btkh", x, w1))
+        h = h * torch.einsum("btd,btkdh->btkh", x, w3)
+        return torch.einsum("btkh,btkhd->btd", h * weights[..., None], w2)
+
+    def _experts_grouped(self, x, experts, weights):
+        """Each expert on the tokens that picked it: topk / E of the dense path's FLOPs."""
+        flat = x.reshape(-1, x.shape[-1])
+        picks = experts.reshape(-1)  # token i's slots are picks[i * k : (i + 1) * k]
+        order = torch.argsort(picks, stable=True)
+        counts = torch.bincount(picks, minlength=self.num_experts).tolist()
+        tokens, gates = order // self.topk, weights.reshape(-1)[order]
+        out = torch.zeros_like(flat)
+        groups = zip(tokens.split(counts), gates.split(counts), strict=True)
+        for e, (rows, gate) in enumerate(groups):
+            if rows.numel():
+                x_e = flat[rows]
+                h = F.silu(x_e @ self.w1[e]) * (x_e @ self.w3[e])
+                out = out.index_add(0, rows, (h @ self.w2[e]) * gate[:, None])
+        return out.view_as(x)
+
+    def _experts_dense(self, x, experts, weights):
+        """Every expert on every token, combined by gates that are zero where not picked."""
+        B, T, _ = x.shape
         gates = torch.zeros(B, T, self.num_experts, dtype=x.dtype, device=x.device)
         gates = gates.scatter(-1, experts, weights)
         h = F.silu(torch.einsum("btd,edh->bteh", x, self.w1))

@@ -171,6 +171,31 @@ def test_moe_equals_chunk_by_chunk_reference(batch, seq_len, chunk_size):
     assert_close("output", reference_output(layer, x, experts, weights), y, 1e-12)
 
 
+@pytest.mark.parametrize(
+    "num_experts,topk", [(16, 2), (16, 1), (3, 3)], ids=["E16-k2", "E16-k1", "E3-k3"]
+)
+def test_moe_grouped_cpu_path_equals_dense(num_experts, topk):
+    """The CPU path (each expert on the tokens that picked it, some experts on none) against
+    every expert on every token: output and every gradient."""
+    layer = moe(num_experts=num_experts, topk=topk, chunk_size=4).double()
+    x = randn(3, 21, D_MODEL, seed=9, dtype=torch.float64)
+    routing = layer.route(x)
+    results = {}
+    for path in ("_experts_grouped", "_experts_dense"):
+        layer.zero_grad()
+        x_leaf = x.clone().requires_grad_()
+        y = getattr(layer, path)(x_leaf, routing.experts, routing.weights.detach())
+        (y * randn(*y.shape, seed=4, dtype=torch.float64)).sum().backward()
+        grads = {name: p.grad for name, p in layer.named_parameters() if p.grad is not None}
+        results[path] = (y, x_leaf.grad, grads)
+    (y_g, dx_g, grads_g), (y_d, dx_d, grads_d) = results.values()
+    assert_close("output", y_d, y_g, 1e-13)
+    assert_close("dx", dx_d, dx_g, 1e-13)
+    assert set(grads_g) == set(grads_d) == {"w1", "w2", "w3"}
+    for name, grad in grads_d.items():
+        assert_close(f"d{name}", grad, grads_g[name], 1e-13)
+
+
 @pytest.mark.parametrize("chunk", [1, 2, 3], ids=["chunk1", "chunk2", "chunk3"])
 def test_moe_chunk_is_routed_before_its_tokens(chunk):
     """Changing chunk i and everything after it changes neither the routing of chunks <= i nor
