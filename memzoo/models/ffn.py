@@ -162,12 +162,12 @@ class ChunkMoE(Mixer):
     initialised like nn.Linear.
 
     Compute. A call with few tokens (B * T * topk < E: decoding small batches) gathers the
-    chosen experts' weights per token and runs only those. On CPU each expert then runs on the
-    tokens whose chunk picked it (the per-expert counts are read on the host, which costs
-    nothing there). On other devices every expert runs densely on every token and a gate that
-    is zero for the experts a token's chunk did not pick combines them: E / topk times the FLOPs
-    of the selected experts (4x at the defaults), traded for no host syncs, no dropped tokens
-    and one GEMM per weight matrix. All three paths give the same outputs.
+    chosen experts' weights per token and runs only those. Eager on CPU, each expert then runs
+    on the tokens whose chunk picked it (the per-expert counts are read on the host, which costs
+    nothing there). Elsewhere, and under torch.compile, every expert runs densely on every token
+    and a gate that is zero for the experts a token's chunk did not pick combines them: E / topk
+    times the FLOPs of the selected experts (4x at the defaults), traded for no host syncs, no
+    dropped tokens and one GEMM per weight matrix. All three paths give the same outputs.
 
     `aux_loss` is set by every forward, training or eval, over the chunks with a token in x.
     Inference state: the sum of the current chunk's tokens and the next router input,
@@ -282,7 +282,8 @@ class ChunkMoE(Mixer):
         B, T, _ = x.shape
         if B * T * self.topk < self.num_experts:
             return self._experts_gathered(x, experts, weights)
-        if x.device.type == "cpu":
+        # Reading the counts would break a compiled graph: compiled code keeps the dense path.
+        if x.device.type == "cpu" and not torch.compiler.is_compiling():
             return self._experts_grouped(x, experts, weights)
         return self._experts_dense(x, experts, weights)
 

@@ -196,6 +196,14 @@ def test_moe_grouped_cpu_path_equals_dense(num_experts, topk):
         assert_close(f"d{name}", grad, grads_g[name], 1e-13)
 
 
+def test_moe_compiles_without_graph_breaks_on_cpu():
+    """Under torch.compile the CPU path keeps the dense experts: no host read breaks the graph."""
+    layer = moe(num_experts=4, chunk_size=4)
+    x = randn(2, 12, D_MODEL, seed=3, dtype=torch.float64)
+    compiled = torch.compile(layer, fullgraph=True, backend="eager")
+    assert_close("output", layer(x), compiled(x), 1e-12)
+
+
 @pytest.mark.parametrize("chunk", [1, 2, 3], ids=["chunk1", "chunk2", "chunk3"])
 def test_moe_chunk_is_routed_before_its_tokens(chunk):
     """Changing chunk i and everything after it changes neither the routing of chunks <= i nor
