@@ -307,7 +307,7 @@ class ChunkMoE(Mixer):
             if rows.numel():
                 x_e = flat[rows]
                 h = F.silu(x_e @ self.w1[e]) * (x_e @ self.w3[e])
-                out = out.index_add(0, rows, (h @ self.w2[e]) * gate[:, None])
+                out.index_add_(0, rows, (h @ self.w2[e]) * gate[:, None])
         return out.view_as(x)
 
     def _experts_dense(self, x, experts, weights):
