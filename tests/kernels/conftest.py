@@ -2,9 +2,10 @@
 
 With MEMZOO_TEST_DEVICE=cuda (and TRITON_INTERPRET=0) the same tests run compiled on a GPU:
 the seeded factories of `memzoo.kernels.testing` and torch's default device both point there,
-and tests marked `cpu` (CPU-only behaviour) are left out. A bad-value test there trips a
-device-side assert (the no-host-sync input checks), which poisons the process's CUDA context;
-the worker then exits so that pytest-xdist (`-n`) restarts it and later tests run clean.
+and tests marked `cpu` (CPU-only behaviour) or `device_assert` (a bad tensor value, which a GPU
+refuses with a device-side assert rather than a ValueError) are left out. Should a test still
+trip a device-side assert, which poisons the process's CUDA context, the worker exits so that
+pytest-xdist (`-n`) restarts it and later tests run clean.
 """
 
 import os
@@ -22,10 +23,14 @@ if ON_GPU:
 def pytest_collection_modifyitems(config, items):
     if not ON_GPU:
         return
-    cpu_only = [item for item in items if "cpu" in item.keywords]
-    if cpu_only:
-        config.hook.pytest_deselected(items=cpu_only)
-        items[:] = [item for item in items if "cpu" not in item.keywords]
+
+    def host_only(item) -> bool:
+        return "cpu" in item.keywords or "device_assert" in item.keywords
+
+    left_out = [item for item in items if host_only(item)]
+    if left_out:
+        config.hook.pytest_deselected(items=left_out)
+        items[:] = [item for item in items if not host_only(item)]
 
 
 def _index_torch_for_dynamo():

@@ -446,10 +446,11 @@ def _good():
             TypeError,
             "cu_seqlens must have dtype int32",
         ),
-        (
+        pytest.param(
             {"cu_seqlens": torch.tensor([0, 3, 7], dtype=torch.int32)},
             ValueError,
             "cu_seqlens must end at the packed length T=8",
+            marks=pytest.mark.device_assert,
         ),
         (
             {

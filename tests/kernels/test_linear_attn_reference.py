@@ -463,7 +463,12 @@ def _good():
         ({"v": torch.zeros(1, 7, 2, 3)}, ValueError, r"v must have shape \[B=1, T=8, H=2, V\]"),
         ({"q": torch.zeros(8, 2, 4)}, ValueError, r"q must have 4 dims \[B, T, H, K\]"),
         ({"q": torch.zeros(1, 8, 2, 4, dtype=torch.int64)}, TypeError, "q must be a floating"),
-        ({"g": torch.full((1, 8, 2), 0.5)}, ValueError, "g is a log-decay and must be <= 0"),
+        pytest.param(
+            {"g": torch.full((1, 8, 2), 0.5)},
+            ValueError,
+            "g is a log-decay and must be <= 0",
+            marks=pytest.mark.device_assert,
+        ),
         ({"g": torch.zeros(1, 8, 3)}, ValueError, r"g must have shape \[B=1, T=8, H=2\]"),
         (
             {"initial_state": torch.zeros(1, 2, 5, 3)},
@@ -508,7 +513,12 @@ def _good():
             ValueError,
             "batch size must be 1",
         ),
-        ({"cu_seqlens": torch.tensor([0, 5], dtype=torch.int32)}, ValueError, "end at the packed"),
+        pytest.param(
+            {"cu_seqlens": torch.tensor([0, 5], dtype=torch.int32)},
+            ValueError,
+            "end at the packed",
+            marks=pytest.mark.device_assert,
+        ),
         ({"backend": "fast"}, ValueError, "backend must be one of"),
     ],
     ids=lambda v: v if isinstance(v, str) else None,
@@ -535,6 +545,7 @@ def test_step_bad_state_raises_clear_error(state, normalize, error, match):
         linear_attn_step(q, q, torch.zeros(2, 2, 3), state, normalize=normalize)
 
 
+@pytest.mark.device_assert
 def test_step_positive_g_is_refused():
     q = torch.zeros(1, 2, 4)
     with pytest.raises(ValueError, match="must be <= 0"):

@@ -354,10 +354,6 @@ def test_bad_inputs_raise_clearly():
     _, weights, indices = routing(1, 4, 3, 2, seed=7)
     with pytest.raises(ValueError, match="topk must be at most 3"):
         route(randn(1, 4, 3, seed=0), 4)
-    with pytest.raises(ValueError, match=r"indices must lie in \[0, num_memories=2\)"):
-        group_by_memory(indices, 2)
-    with pytest.raises(ValueError, match="k indices must differ"):
-        group_by_memory(torch.zeros(1, 4, 2, dtype=torch.int64), 3)
     with pytest.raises(TypeError, match="indices must have dtype"):
         group_by_memory(indices.int(), 3)
     with pytest.raises(TypeError, match="grouping must be the MemoryGrouping"):
@@ -367,7 +363,17 @@ def test_bad_inputs_raise_clearly():
     with pytest.raises(ValueError, match=r"y must have shape \[P=8, F\]"):
         scatter_weighted(randn(7, 5, seed=2), groups, weights)
     q, k, v, g, w, idx, _ = attn_inputs(1, 4, 3, 1, 2, 2, 2, seed=8)
-    with pytest.raises(ValueError, match="g is a log-decay and must be <= 0"):
-        memory_attn(q, k, v, -g, w, idx)
     with pytest.raises(ValueError, match="method must be one of"):
         memory_attn(q, k, v, g, w, idx, method="dense")
+
+
+@pytest.mark.device_assert
+def test_bad_values_raise_clearly():
+    _, _, indices = routing(1, 4, 3, 2, seed=7)
+    with pytest.raises(ValueError, match=r"indices must lie in \[0, num_memories=2\)"):
+        group_by_memory(indices, 2)
+    with pytest.raises(ValueError, match="k indices must differ"):
+        group_by_memory(torch.zeros(1, 4, 2, dtype=torch.int64), 3)
+    q, k, v, g, w, idx, _ = attn_inputs(1, 4, 3, 1, 2, 2, 2, seed=8)
+    with pytest.raises(ValueError, match="g is a log-decay and must be <= 0"):
+        memory_attn(q, k, v, -g, w, idx)

@@ -115,7 +115,12 @@ def test_state_dtype(dtype):
             ValueError,
             "batch size must be 1",
         ),
-        ({"cu_seqlens": torch.tensor([0, 4], dtype=torch.int32)}, ValueError, "M=6"),
+        pytest.param(
+            {"cu_seqlens": torch.tensor([0, 4], dtype=torch.int32)},
+            ValueError,
+            "M=6",
+            marks=pytest.mark.device_assert,
+        ),
         ({"cu_seqlens": torch.tensor([0, 6])}, TypeError, "int32"),
     ],
     ids=lambda v: v if isinstance(v, str) else None,

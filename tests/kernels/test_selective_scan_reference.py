@@ -474,7 +474,12 @@ def _call(**changes):
 @pytest.mark.parametrize(
     "changes,error,match",
     [
-        ({"A": torch.full((6, 4), 0.5, dtype=torch.float64)}, ValueError, "A must be negative"),
+        pytest.param(
+            {"A": torch.full((6, 4), 0.5, dtype=torch.float64)},
+            ValueError,
+            "A must be negative",
+            marks=pytest.mark.device_assert,
+        ),
         (
             {"A": -torch.ones(6, 5, dtype=torch.float64)},
             ValueError,
@@ -496,20 +501,23 @@ def _call(**changes):
             "initial_state must have shape",
         ),
         ({"cu_seqlens": torch.tensor([0, 3, 8])}, TypeError, "cu_seqlens must have dtype int32"),
-        (
+        pytest.param(
             {"cu_seqlens": torch.tensor([1, 8], dtype=torch.int32)},
             ValueError,
             "cu_seqlens must start at 0",
+            marks=pytest.mark.device_assert,
         ),
-        (
+        pytest.param(
             {"cu_seqlens": torch.tensor([0, 5, 3, 8], dtype=torch.int32)},
             ValueError,
             "non-decreasing",
+            marks=pytest.mark.device_assert,
         ),
-        (
+        pytest.param(
             {"cu_seqlens": torch.tensor([0, 7], dtype=torch.int32)},
             ValueError,
             "must end at the packed length T=8",
+            marks=pytest.mark.device_assert,
         ),
     ],
     ids=[
@@ -552,7 +560,15 @@ def test_state_update_bad_inputs():
     }
     with pytest.raises(ValueError, match="state must have shape"):
         selective_state_update(**{**args, "state": args["state"][:, :, :3]})
-    with pytest.raises(ValueError, match="A must be negative"):
-        selective_state_update(**{**args, "A": -args["A"]})
     with pytest.raises(ValueError, match="must divide the 6 channels"):
         selective_state_update(**{**args, "B": torch.randn(2, 4, 4, dtype=torch.float64)})
+
+
+@pytest.mark.device_assert
+def test_state_update_positive_A_is_refused():
+    inputs, _ = make_inputs(2, 1, 6, 4, 2, seed=19)
+    with pytest.raises(ValueError, match="A must be negative"):
+        selective_state_update(
+            inputs["u"][:, 0], inputs["delta"][:, 0], -inputs["A"], inputs["B"][:, 0],
+            inputs["C"][:, 0], inputs["initial_state"],
+        )  # fmt: skip

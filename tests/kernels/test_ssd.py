@@ -235,8 +235,10 @@ def _good():
 @pytest.mark.parametrize(
     "kwargs,error,match",
     [
-        ({"A": torch.ones(4)}, ValueError, "A must be negative"),
-        ({"A": torch.tensor([-1.0, -1.0, 0.0, -1.0])}, ValueError, "A must be negative"),
+        pytest.param({"A": torch.ones(4)}, ValueError, "A must be negative",
+                     marks=pytest.mark.device_assert),
+        pytest.param({"A": torch.tensor([-1.0, -1.0, 0.0, -1.0])}, ValueError,
+                     "A must be negative", marks=pytest.mark.device_assert),
         ({"A": -torch.ones(3)}, ValueError, r"A must have shape \[H=4\]"),
         ({"A": -torch.ones(4, 1)}, ValueError, "A must have 1 dims"),
         ({"B": torch.zeros(2, 5, 3, 6), "C": torch.zeros(2, 5, 3, 6)}, ValueError,
@@ -250,7 +252,8 @@ def _good():
         ({"initial_state": torch.zeros(2, 4, 6, 8)}, ValueError,
          r"initial_state must have shape \[N_seq=2, H=4, P=8, N=6\] \(mamba-ssm's layout"),
         ({"initial_state": [0.0]}, TypeError, "initial_state must be a torch.Tensor"),
-        ({"dt": -torch.ones(2, 5, 4), "dt_softplus": False}, ValueError, "dt .* must be >= 0"),
+        pytest.param({"dt": -torch.ones(2, 5, 4), "dt_softplus": False}, ValueError,
+                     "dt .* must be >= 0", marks=pytest.mark.device_assert),
         ({"A": [-1.0] * 4}, TypeError, "A must be a torch.Tensor"),
     ],
     ids=[
@@ -268,7 +271,7 @@ def test_bad_input_raises_clear_error(kwargs, error, match):
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        ({"A": torch.ones(4)}, "A must be negative"),
+        pytest.param({"A": torch.ones(4)}, "A must be negative", marks=pytest.mark.device_assert),
         ({"state": torch.zeros(2, 4, 6, 8)}, r"state must have shape \[B=2, H=4, P=8, N=6\]"),
         ({"B": torch.zeros(2, 3, 6), "C": torch.zeros(2, 3, 6)}, "multiple of the number"),
     ],
