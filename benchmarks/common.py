@@ -27,6 +27,20 @@ def device_description(device: str) -> str:
     return f"CPU {platform.machine()}, {torch.get_num_threads()} threads"
 
 
+def cuda_time_or_refusal(fn, repeats: int) -> float | str:
+    """cuda_time_ms(fn), or the first line of the RuntimeError a baseline raises to refuse the
+    work (fla refuses some backward kernels on some Triton versions): a table cell either way."""
+    try:
+        return cuda_time_ms(fn, repeats)
+    except RuntimeError as error:
+        return f"refused: {str(error).splitlines()[0][:120]}"
+
+
+def ms_cell(value: float | str) -> str:
+    """A table cell of milliseconds, or the refusal text that stands in for them."""
+    return f"{value:.3f}" if isinstance(value, float) else value
+
+
 def cuda_time_ms(fn, repeats: int) -> float:
     """Median CUDA-event time of fn() in milliseconds, after two warm-up calls."""
     fn()

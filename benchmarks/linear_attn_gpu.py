@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import cuda_time_ms, write_result
+from common import cuda_time_ms, cuda_time_or_refusal, ms_cell, write_result
 
 from memzoo.kernels import linear_attn
 
@@ -48,10 +48,10 @@ def _implementations():
     return impls
 
 
-def _time_impl(fn, inputs, leaves, repeats: int) -> tuple[float, float]:
-    """(forward ms, forward+backward ms) of fn(q, k, v, g)."""
+def _time_impl(fn, inputs, leaves, repeats: int) -> tuple[float, float | str]:
+    """(forward ms, forward+backward ms or the baseline's refusal) of fn(q, k, v, g)."""
     forward = cuda_time_ms(lambda: fn(*inputs), repeats)
-    both = cuda_time_ms(lambda: fn(*leaves, inputs[3]).float().sum().backward(), repeats)
+    both = cuda_time_or_refusal(lambda: fn(*leaves, inputs[3]).float().sum().backward(), repeats)
     return forward, both
 
 
@@ -65,7 +65,7 @@ def run(args) -> list[dict]:
         for name, fn in _implementations().items():
             fwd, both = _time_impl(fn, (q, k, v, g), leaves, args.repeats)
             rows.append({"T": T, "impl": name, "fwd": fwd, "fwd_bwd": both})
-            print(f"T={T:>6} {name:<28} fwd {fwd:8.3f} ms  fwd+bwd {both:8.3f} ms", flush=True)
+            print(f"T={T:>6} {name:<28} fwd {fwd:8.3f} ms  fwd+bwd {ms_cell(both)}", flush=True)
     return rows
 
 
@@ -84,9 +84,11 @@ def write_table(rows, args) -> Path:
     ]
     for r in rows:
         base = sdpa[r["T"]]
+        both = r["fwd_bwd"]
+        both_ratio = f"{both / base['fwd_bwd']:.2f}" if isinstance(both, float) else ""
         lines.append(
-            f"| {r['T']} | {r['impl']} | {r['fwd']:.3f} | {r['fwd_bwd']:.3f} | "
-            f"{r['fwd'] / base['fwd']:.2f} | {r['fwd_bwd'] / base['fwd_bwd']:.2f} |"
+            f"| {r['T']} | {r['impl']} | {r['fwd']:.3f} | {ms_cell(both)} | "
+            f"{r['fwd'] / base['fwd']:.2f} | {both_ratio} |"
         )
     path = write_result(f"linear_attn-{device.lower().replace(' ', '-')}.md", lines)
     return path

@@ -2,8 +2,9 @@
 
 Forward and forward+backward, bf16, T in {2k, 4k, 8k, 16k}: memzoo's Triton selective_scan
 (Dm=1536, N=16) against mamba-ssm's selective_scan_fn, and memzoo's ssd (H=24, P=64, N=64)
-against mamba-ssm's mamba_chunk_scan_combined and memzoo's own linear_attn at the same shape;
-mamba-ssm rows appear when it is installed. Writes benchmarks/results/scans-<gpu>.md.
+against mamba-ssm's mamba_chunk_scan_combined, flash-linear-attention's chunk_simple_gla (the
+same scalar-decay recurrence) and memzoo's own linear_attn at the same shape; mamba-ssm and fla
+rows appear when they are installed. Writes benchmarks/results/scans-<gpu>.md.
 
     python benchmarks/scans_gpu.py [--batch 2] [--lengths 2048 4096 8192 16384]
 """
@@ -14,7 +15,7 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-from common import cuda_time_ms, slug, write_result
+from common import cuda_time_ms, cuda_time_or_refusal, ms_cell, slug, write_result
 
 from memzoo.kernels import linear_attn, selective_scan, ssd
 
@@ -66,6 +67,19 @@ def _implementations() -> dict:
         "memzoo linear_attn (SSD shape)": (_ssd_inputs, memzoo_linear_attn),
     }
     try:
+        from fla.ops.simple_gla import chunk_simple_gla
+
+        def fla_simple_gla(t):  # fla wants B and C per head: the expansion is timed too
+            H = t["x"].shape[2]
+            q = t["C"].expand(-1, -1, H, -1).contiguous()
+            k = t["B"].expand(-1, -1, H, -1).contiguous()
+            g = F.softplus(t["dt"]) * t["A"]
+            return chunk_simple_gla(q=q, k=k, v=t["x"], g=g, scale=1.0)[0]
+
+        impls["fla chunk_simple_gla (SSD shape)"] = (_ssd_inputs, fla_simple_gla)
+    except ImportError:
+        pass
+    try:
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
         from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 
@@ -88,10 +102,10 @@ def _implementations() -> dict:
     return impls
 
 
-def _measure(fn, inputs, repeats: int) -> tuple[float, float]:
+def _measure(fn, inputs, repeats: int) -> tuple[float, float | str]:
     leaves = {n: t.clone().requires_grad_(t.is_floating_point()) for n, t in inputs.items()}
     forward = cuda_time_ms(lambda: fn(inputs), repeats)
-    both = cuda_time_ms(lambda: fn(leaves).float().sum().backward(), repeats)
+    both = cuda_time_or_refusal(lambda: fn(leaves).float().sum().backward(), repeats)
     return forward, both
 
 
@@ -101,7 +115,7 @@ def run(args) -> list[dict]:
         for name, (make, fn) in _implementations().items():
             fwd, both = _measure(fn, make(args.batch, T), args.repeats)
             rows.append({"T": T, "impl": name, "fwd": fwd, "fwd_bwd": both})
-            print(f"T={T:>6} {name:<36} fwd {fwd:8.3f} ms  fwd+bwd {both:8.3f} ms", flush=True)
+            print(f"T={T:>6} {name:<36} fwd {fwd:8.3f} ms  fwd+bwd {ms_cell(both)}", flush=True)
     return rows
 
 
@@ -116,7 +130,8 @@ def write_table(rows, args):
         "| T | implementation | fwd (ms) | fwd+bwd (ms) |",
         "|---:|---|---:|---:|",
     ]
-    lines += [f"| {r['T']} | {r['impl']} | {r['fwd']:.3f} | {r['fwd_bwd']:.3f} |" for r in rows]
+    for r in rows:
+        lines.append(f"| {r['T']} | {r['impl']} | {r['fwd']:.3f} | {ms_cell(r['fwd_bwd'])} |")
     return write_result(f"scans-{slug(device)}.md", lines)
 
 
