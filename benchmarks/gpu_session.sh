@@ -12,7 +12,8 @@
 # Logs and result tables go to $OUT (default /tmp/memzoo-gpu). Optional wheels in .whl/
 # (e.g. flash-linear-attention for its baseline rows) are installed to /tmp/site first; fla's
 # kernels autotune for over a minute per script on a fresh machine, so leave them out of a
-# short lease.
+# short lease. Python source trees in .whl/src (e.g. mamba-ssm's unbuilt sources, whose SSD is
+# Triton code) go on PYTHONPATH.
 #
 #     bash benchmarks/gpu_session.sh
 set -u
@@ -23,6 +24,9 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
         .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+if [ -d .whl/src ]; then
+    export PYTHONPATH=$PYTHONPATH:$PWD/.whl/src
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"

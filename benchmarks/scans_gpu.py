@@ -4,7 +4,8 @@ Forward and forward+backward, bf16, T in {2k, 4k, 8k, 16k}: memzoo's Triton sele
 (Dm=1536, N=16) against mamba-ssm's selective_scan_fn, and memzoo's ssd (H=24, P=64, N=64)
 against mamba-ssm's mamba_chunk_scan_combined, flash-linear-attention's chunk_simple_gla (the
 same scalar-decay recurrence) and memzoo's own linear_attn at the same shape; mamba-ssm and fla
-rows appear when they are installed. Writes benchmarks/results/scans-<gpu>.md.
+rows appear when they are installed (mamba-ssm's SSD also from an unbuilt source tree on
+PYTHONPATH: it is Triton code). Writes benchmarks/results/scans-<gpu>.md.
 
     python benchmarks/scans_gpu.py [--batch 2] [--lengths 2048 4096 8192 16384]
 """
@@ -12,6 +13,9 @@ rows appear when they are installed. Writes benchmarks/results/scans-<gpu>.md.
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import sys
+import types
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +46,32 @@ def _ssd_inputs(batch, T, H=24, P=64, N=64):
         "B": torch.randn(batch, T, 1, N, dtype=torch.bfloat16, **cuda),
         "C": torch.randn(batch, T, 1, N, dtype=torch.bfloat16, **cuda),
     }
+
+
+def _mamba_ssm_triton_ssd():
+    """mamba-ssm's mamba_chunk_scan_combined, or None where mamba-ssm is not importable.
+
+    Its SSD is Triton code, but the package's __init__ imports the CUDA selective scan
+    (`selective_scan_cuda`), which only a built install has. From a source tree (on PYTHONPATH,
+    not built) the Triton modules are loaded under a bare package object that skips that
+    __init__.
+    """
+    try:
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+    except ImportError:
+        spec = importlib.util.find_spec("mamba_ssm")
+        if spec is None or spec.submodule_search_locations is None:
+            return None
+        package = types.ModuleType("mamba_ssm")
+        package.__path__ = list(spec.submodule_search_locations)
+        package.__spec__ = spec
+        sys.modules["mamba_ssm"] = package
+        try:
+            from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+        except ImportError:
+            del sys.modules["mamba_ssm"]
+            return None
+    return mamba_chunk_scan_combined
 
 
 def _implementations() -> dict:
@@ -81,7 +111,6 @@ def _implementations() -> dict:
         pass
     try:
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 
         def mamba_scan(t):  # mamba-ssm is channel-major: [B, D, L] and [B, G, N, L]
             return selective_scan_fn(
@@ -90,15 +119,18 @@ def _implementations() -> dict:
                 z=t["z"].transpose(1, 2), delta_softplus=True,
             )  # fmt: skip
 
+        impls["mamba-ssm selective_scan_fn"] = (_selective_scan_inputs, mamba_scan)
+    except ImportError:
+        pass
+    mamba_chunk_scan_combined = _mamba_ssm_triton_ssd()
+    if mamba_chunk_scan_combined is not None:
+
         def mamba_ssd(t):
             return mamba_chunk_scan_combined(
                 t["x"], t["dt"], t["A"], t["B"], t["C"], chunk_size=64, dt_softplus=True
             )
 
-        impls["mamba-ssm selective_scan_fn"] = (_selective_scan_inputs, mamba_scan)
         impls["mamba-ssm mamba_chunk_scan_combined"] = (_ssd_inputs, mamba_ssd)
-    except ImportError:
-        pass
     return impls
 
 
