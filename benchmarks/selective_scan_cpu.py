@@ -1,8 +1,13 @@
 """CPU time and peak memory of the Mamba-1 selective scan: the chunked path vs token by token.
 
-Inputs are a Mamba block's: softplus(delta + delta_bias), A = -exp(A_log) with S4D-real values
-(-1 .. -N), B and C shared by all channels (G = 1), the D skip, the silu(z) gate and the final
-state. The forward times of the chunked path and of the recurrence come from fresh processes
+With `--call mamba` (the default) the inputs are a Mamba block's: softplus(delta + delta_bias),
+A = -exp(A_log) with S4D-real values (-1 .. -N), B and C shared by all channels (G = 1), the D
+skip, the silu(z) gate and the final state. `--call bare` times the plain call
+`selective_scan(u, delta, A, B, C)`, with the same A, B and C and delta already the positive
+step (softplus(delta + delta_bias) computed once, outside the timing), and writes
+selective_scan-cpu-bare.md.
+
+The forward times of the chunked path and of the recurrence come from fresh processes
 (--rounds) that each alternate between them, so that a noisy machine slows both alike and each
 process's ratio holds; the speed-up is the median of those ratios. Memory is measured in
 further fresh processes, one per implementation, which allocate their inputs, record their
@@ -34,6 +39,11 @@ from common import measure_in_subprocesses, peak_rss_mib, write_result
 
 IMPLS = ("chunk", "recurrent", "chunk fwd+bwd")
 FORWARD_PAIR = "forward pair"  # the worker that times "chunk" and "recurrent" side by side
+CALLS = {
+    "mamba": "with delta_bias + softplus, D, z and the final state",
+    "bare": "the plain call selective_scan(u, delta, A, B, C): delta the positive step, "
+    "no softplus, D, z or final state",
+}
 
 
 def _worker(impl: str, T: int, args: argparse.Namespace) -> dict:
@@ -47,6 +57,8 @@ def _worker(impl: str, T: int, args: argparse.Namespace) -> dict:
     )
 
     Bsz, Dm, N = args.batch, args.dim, args.state
+    bare = args.call == "bare"
+    flags = {} if bare else {"delta_softplus": True, "output_final_state": True}
 
     def inputs(length: int) -> dict:
         generator = torch.Generator().manual_seed(0)
@@ -55,29 +67,36 @@ def _worker(impl: str, T: int, args: argparse.Namespace) -> dict:
             return torch.randn(*shape, generator=generator)
 
         dt_init = torch.empty(Dm).uniform_(-6.9, -2.3, generator=generator)
-        return {
+        block = {
             "u": randn(Bsz, length, Dm),
             "delta": randn(Bsz, length, Dm),
             "A": -torch.arange(1, N + 1, dtype=torch.float32).repeat(Dm, 1),
             "B": randn(Bsz, length, 1, N),
             "C": randn(Bsz, length, 1, N),
             "D": randn(Dm),
-            "z": randn(Bsz, length, Dm),
+            "z": None if bare else randn(Bsz, length, Dm),
             # Mamba's dt init: softplus(bias) log-uniform in [1e-3, 1e-1].
             "delta_bias": torch.expm1(dt_init.exp()).log(),
         }
+        if not bare:
+            return block
+        # In place and without z: no freed transient raises the peak the memory columns
+        # count from.
+        step = block.pop("delta").add_(block.pop("delta_bias"))
+        torch.ops.aten.softplus.out(step, 1, 20, out=step)
+        return {"u": block["u"], "delta": step, **{n: block[n] for n in ("A", "B", "C")}}
 
     def run(name: str, tensors: dict) -> None:
         form = selective_scan_recurrent_ref if name == "recurrent" else selective_scan_chunk_ref
         if name == "chunk fwd+bwd":
             leaves = {k: t.requires_grad_() for k, t in tensors.items()}
-            y, state = form(**leaves, delta_softplus=True, output_final_state=True)
-            (y.sum() + state.sum()).backward()
+            y, state = form(**leaves, **flags)
+            (y.sum() if state is None else y.sum() + state.sum()).backward()
             for t in leaves.values():
                 t.grad = None
         else:
             with torch.inference_mode():
-                form(**tensors, delta_softplus=True, output_final_state=True)
+                form(**tensors, **flags)
 
     def timed(name: str, tensors: dict) -> float:
         start = time.perf_counter()
@@ -132,6 +151,8 @@ def _command(impl: str, T: int, args: argparse.Namespace, repeats: int) -> list[
         str(repeats),
         "--recurrent-repeats",
         str(args.recurrent_repeats),
+        "--call",
+        args.call,
     ]
 
 
@@ -178,8 +199,8 @@ def write_table(rows: list[dict], args: argparse.Namespace, command: str) -> Pat
     lines = [
         f"# selective_scan on CPU {platform.machine()} ({rows[0]['threads']} threads)",
         "",
-        f"B={args.batch}, Dm={args.dim}, N={args.state}, G=1, fp32, with delta_bias + softplus, "
-        f"D, z and the final state; torch {rows[0]['torch']}. Forward times: {args.rounds} fresh "
+        f"B={args.batch}, Dm={args.dim}, N={args.state}, G=1, fp32, {CALLS[args.call]}; "
+        f"torch {rows[0]['torch']}. Forward times: {args.rounds} fresh "
         f"processes, each the median of {args.repeats} runs ({args.recurrent_repeats} for the "
         "recurrence, alternating with the chunked calls in the same process, so that a busy "
         "machine slows both alike); the table gives the median over processes, and the "
@@ -210,7 +231,8 @@ def write_table(rows: list[dict], args: argparse.Namespace, command: str) -> Pat
             f"| {r['T']} | {r['impl']} | {r['ms']:.1f} | {r['peak_mib']:.1f} "
             f"| {r['peak_mmap_mib']:.1f} | {speedup} |"
         )
-    return write_result("selective_scan-cpu.md", lines)
+    name = "selective_scan-cpu.md" if args.call == "mamba" else f"selective_scan-cpu-{args.call}.md"
+    return write_result(name, lines)
 
 
 def main() -> None:
@@ -224,6 +246,12 @@ def main() -> None:
     parser.add_argument(
         "--rounds", type=int, default=3, help="fresh processes that time the forward pair"
     )
+    parser.add_argument(
+        "--call",
+        choices=list(CALLS),
+        default="mamba",
+        help="mamba: a Mamba block's call (softplus, D, z, final state); bare: the plain scan",
+    )
     parser.add_argument("--worker", choices=(*IMPLS, FORWARD_PAIR), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -234,7 +262,7 @@ def main() -> None:
         f"python benchmarks/selective_scan_cpu.py --batch {args.batch} --dim {args.dim} "
         f"--state {args.state} --lengths {' '.join(map(str, args.lengths))} "
         f"--repeats {args.repeats} --recurrent-repeats {args.recurrent_repeats} "
-        f"--rounds {args.rounds}"
+        f"--rounds {args.rounds}" + ("" if args.call == "mamba" else f" --call {args.call}")
     )
     print(command)
     rows = []
