@@ -4,6 +4,8 @@
 - `randn`, `rand_lengths`, `cu_seqlens_from_lengths`: seeded input factories. Their tensors
   land on `TEST_DEVICE`: "cpu", or what `MEMZOO_TEST_DEVICE` names, so the Triton tests also
   run compiled on a GPU (`MEMZOO_TEST_DEVICE=cuda TRITON_INTERPRET=0 pytest tests/kernels`).
+- `bad_cu_seqlens_values(total)`: parametrize cases of cu_seqlens with wrong values, marked
+  `device_assert` (a GPU refuses them with a device-side assert, not ValueError).
 - `poison_empty()` / the `nan_poison` fixture: fresh `torch.empty` / `torch.empty_like`
   allocations are filled with NaN (integers with -1), so an output a kernel forgets to
   write fails the comparison instead of passing by luck.
@@ -84,6 +86,29 @@ def cu_seqlens_from_lengths(
     offsets = torch.zeros(len(lengths) + 1, dtype=torch.int32, device="cpu")
     offsets[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int64, device="cpu"), 0)
     return offsets.to(TEST_DEVICE if device is None else device)
+
+
+def bad_cu_seqlens_values(total: int, length_name: str = "T") -> list:
+    """`pytest.param({"cu_seqlens": ...}, ValueError, match)` cases for a packed length
+    `total` >= 6: offsets that start past 0, go down, or end short of `total`.
+
+    The shared check (`InputCheck.cu_seqlens`) reads these values on CPU; on a GPU it asserts on
+    the device instead, so the cases are marked `device_assert` and left out there.
+    """
+    cases = [
+        ([1, total], "cu_seqlens must start at 0"),
+        ([0, total - 3, total - 5, total], "cu_seqlens must be non-decreasing"),
+        ([0, total - 1], f"cu_seqlens must end at the packed length {length_name}={total}"),
+    ]
+    return [
+        pytest.param(
+            {"cu_seqlens": torch.tensor(offsets, dtype=torch.int32)},
+            ValueError,
+            match,
+            marks=pytest.mark.device_assert,
+        )
+        for offsets, match in cases
+    ]
 
 
 def _poison(t: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,12 @@ from torch.utils._pytree import tree_flatten
 
 from memzoo.kernels import KVCache, SlidingWindowCache, attention, attention_step
 from memzoo.kernels.attention.reference import attention_ref, attention_torch
-from memzoo.kernels.testing import assert_close, cu_seqlens_from_lengths, randn
+from memzoo.kernels.testing import (
+    assert_close,
+    bad_cu_seqlens_values,
+    cu_seqlens_from_lengths,
+    randn,
+)
 
 F64 = 1e-10  # relative RMSE between two fp64 computations
 # memzoo.kernels.attention is the function (re-exported by memzoo.kernels); fetch the module.
@@ -446,12 +451,7 @@ def _good():
             TypeError,
             "cu_seqlens must have dtype int32",
         ),
-        pytest.param(
-            {"cu_seqlens": torch.tensor([0, 3, 7], dtype=torch.int32)},
-            ValueError,
-            "cu_seqlens must end at the packed length T=8",
-            marks=pytest.mark.device_assert,
-        ),
+        *bad_cu_seqlens_values(8),
         (
             {
                 "q": torch.zeros(2, 8, 4, 4),

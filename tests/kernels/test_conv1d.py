@@ -12,7 +12,12 @@ from memzoo.kernels.conv1d.reference import (
     conv1d_ref,
     conv1d_shift_ref,
 )
-from memzoo.kernels.testing import assert_close, cu_seqlens_from_lengths, randn
+from memzoo.kernels.testing import (
+    assert_close,
+    bad_cu_seqlens_values,
+    cu_seqlens_from_lengths,
+    randn,
+)
 
 # Relative-RMSE budgets against an fp64 reference.
 RATIO = {torch.float32: 1e-5, torch.float16: 2e-3}
@@ -338,24 +343,7 @@ def _good():
         ),
         ({"cu_seqlens": torch.tensor([0, 8])}, TypeError, "cu_seqlens must have dtype int32"),
         ({"cu_seqlens": [0, 8]}, TypeError, "cu_seqlens must be an int32 torch.Tensor"),
-        pytest.param(
-            {"cu_seqlens": torch.tensor([1, 8], dtype=torch.int32)},
-            ValueError,
-            "start at 0",
-            marks=pytest.mark.device_assert,
-        ),
-        pytest.param(
-            {"cu_seqlens": torch.tensor([0, 5, 3, 8], dtype=torch.int32)},
-            ValueError,
-            "non-decreasing",
-            marks=pytest.mark.device_assert,
-        ),
-        pytest.param(
-            {"cu_seqlens": torch.tensor([0, 7], dtype=torch.int32)},
-            ValueError,
-            "end at the packed length T=8",
-            marks=pytest.mark.device_assert,
-        ),
+        *bad_cu_seqlens_values(8),
         ({"cu_seqlens": torch.tensor([[0, 8]], dtype=torch.int32)}, ValueError, "1-D"),
         (
             {"x": torch.zeros(2, 4, 4), "cu_seqlens": torch.tensor([0, 4], dtype=torch.int32)},

@@ -7,7 +7,12 @@ import torch
 
 from memzoo.kernels import linear_attn, prefix_state
 from memzoo.kernels.linear_attn import get_feature_map
-from memzoo.kernels.testing import assert_close, cu_seqlens_from_lengths, randn
+from memzoo.kernels.testing import (
+    assert_close,
+    bad_cu_seqlens_values,
+    cu_seqlens_from_lengths,
+    randn,
+)
 
 F64 = 1e-12
 
@@ -115,12 +120,7 @@ def test_state_dtype(dtype):
             ValueError,
             "batch size must be 1",
         ),
-        pytest.param(
-            {"cu_seqlens": torch.tensor([0, 4], dtype=torch.int32)},
-            ValueError,
-            "M=6",
-            marks=pytest.mark.device_assert,
-        ),
+        *bad_cu_seqlens_values(6, "M"),
         ({"cu_seqlens": torch.tensor([0, 6])}, TypeError, "int32"),
     ],
     ids=lambda v: v if isinstance(v, str) else None,

@@ -17,7 +17,12 @@ from memzoo.kernels.selective_scan.reference import (
     selective_scan_chunk_ref,
     selective_scan_recurrent_ref,
 )
-from memzoo.kernels.testing import assert_close, cu_seqlens_from_lengths, randn
+from memzoo.kernels.testing import (
+    assert_close,
+    bad_cu_seqlens_values,
+    cu_seqlens_from_lengths,
+    randn,
+)
 
 F64 = 1e-10  # relative RMSE between two fp64 forms
 ALL = ("D", "z", "delta_bias", "softplus", "initial_state")
@@ -501,24 +506,7 @@ def _call(**changes):
             "initial_state must have shape",
         ),
         ({"cu_seqlens": torch.tensor([0, 3, 8])}, TypeError, "cu_seqlens must have dtype int32"),
-        pytest.param(
-            {"cu_seqlens": torch.tensor([1, 8], dtype=torch.int32)},
-            ValueError,
-            "cu_seqlens must start at 0",
-            marks=pytest.mark.device_assert,
-        ),
-        pytest.param(
-            {"cu_seqlens": torch.tensor([0, 5, 3, 8], dtype=torch.int32)},
-            ValueError,
-            "non-decreasing",
-            marks=pytest.mark.device_assert,
-        ),
-        pytest.param(
-            {"cu_seqlens": torch.tensor([0, 7], dtype=torch.int32)},
-            ValueError,
-            "must end at the packed length T=8",
-            marks=pytest.mark.device_assert,
-        ),
+        *bad_cu_seqlens_values(8),
     ],
     ids=[
         "A-positive",
