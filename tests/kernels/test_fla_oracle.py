@@ -8,7 +8,9 @@ gradient, for each backend. fla computes in fp32, so everything here is fp32.
 - scalar-gated linear attention and Mamba-2's SSD vs `naive_recurrent_simple_gla`;
 - ungated and normalised linear attention vs `naive_recurrent_linear_attn`;
 - BASED vs `naive_parallel_based` (fla's kernel 1 + s + s^2 / 2 with s = q.k / sqrt(16) is
-  memzoo's Taylor kernel 1 + q.k / 4 + (q.k)^2 / 32).
+  memzoo's Taylor kernel 1 + q.k / 4 + (q.k)^2 / 32);
+- softmax attention (causal, sliding window, bidirectional; grouped-query heads) vs
+  `naive_parallel_attn`, whose window_size w is memzoo's window: the w latest keys.
 """
 
 import warnings
@@ -21,11 +23,12 @@ with warnings.catch_warnings():
     # On import fla warns that its Triton kernels cannot run on a CPU-only machine, and about
     # torch.jit: neither touches its plain-torch references.
     warnings.simplefilter("ignore")
+    from fla.ops.attn.naive import naive_parallel_attn
     from fla.ops.based.naive import naive_parallel_based
     from fla.ops.linear_attn.naive import naive_recurrent_linear_attn
     from fla.ops.simple_gla.naive import naive_recurrent_simple_gla
 
-from memzoo.kernels import based_attn, linear_attn, ssd
+from memzoo.kernels import attention, based_attn, linear_attn, ssd
 from memzoo.kernels.testing import assert_close, randn
 
 BACKENDS = ["torch", "triton"]
@@ -113,3 +116,17 @@ def test_based_equals_fla_based(backend):
     out, _ = based_attn(q, k, v, backend=backend)
     assert_close("o", ref, out, TOL)
     _assert_all_close(["dq", "dk", "dv"], _grads([ref], inputs, 21), _grads([out], inputs, 21))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "causal,window", [(True, None), (True, 5), (False, None)], ids=["causal", "window5", "full"]
+)
+def test_attention_equals_fla_attention(backend, causal, window):
+    B, T, H, Hkv, D = 2, 40, 4, 2, 16
+    q, k, v = randn(B, T, H, D, seed=22), randn(B, T, Hkv, D, seed=23), randn(B, T, Hkv, D, seed=24)
+    inputs = [t.requires_grad_() for t in (q, k, v)]
+    ref, _ = naive_parallel_attn(q, k, v, window_size=window, causal=causal)
+    out = attention(q, k, v, causal=causal, window=window, backend=backend)
+    assert_close("o", ref, out, TOL)
+    _assert_all_close(["dq", "dk", "dv"], _grads([ref], inputs, 25), _grads([out], inputs, 25))
