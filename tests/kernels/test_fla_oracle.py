@@ -1,4 +1,4 @@
-"""memzoo's linear-attention family against flash-linear-attention's own naive references.
+"""memzoo's attention kernels against flash-linear-attention's own naive references.
 
 fla (the `fla-core` package, a test dependency) is the field's reference implementation of
 these recurrences; its `naive` functions are plain torch and run anywhere. They are a second
@@ -39,7 +39,8 @@ def _grads(outputs, inputs, seed):
     """Gradients of a fixed random projection of `outputs` with respect to `inputs`."""
     generator = torch.Generator().manual_seed(seed)
     loss = sum(
-        (out * torch.randn(out.shape, generator=generator).to(out.device)).sum() for out in outputs
+        (out * torch.randn(out.shape, generator=generator, device="cpu").to(out.device)).sum()
+        for out in outputs
     )
     return torch.autograd.grad(loss, inputs)
 
@@ -88,7 +89,7 @@ def test_ssd_equals_fla_simple_gla(backend):
     """SSD is simple GLA with q = C, k = B (per group), v = x dt, g = dt A."""
     B, T, H, P, G, N = 2, 50, 4, 8, 2, 16
     x, dt_raw = randn(B, T, H, P, seed=11), randn(B, T, H, seed=12)
-    A = -torch.rand(H, generator=torch.Generator().manual_seed(13)).to(x.device) - 0.5
+    A = -torch.rand(H, generator=torch.Generator().manual_seed(13), device="cpu").to(x.device) - 0.5
     Bm, Cm = randn(B, T, G, N, seed=14), randn(B, T, G, N, seed=15)
     h0 = randn(B, H, P, N, seed=16)  # memzoo's (mamba-ssm's) layout [B, H, P, N]
     inputs = [t.requires_grad_() for t in (x, dt_raw, A, Bm, Cm, h0)]
