@@ -11,7 +11,10 @@ A mixer maps x `[B, T, d_model]` to `[B, T, d_model]`, causally. It runs in one 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["Mixer", "check_mixer_input"]
@@ -63,3 +66,18 @@ def check_mixer_input(mixer: Mixer, x: torch.Tensor, cache, cu_seqlens) -> None:
             )
         if x.shape[0] != 1:
             raise ValueError(f"{who}: with cu_seqlens, x must have B == 1, got B={x.shape[0]}")
+
+
+def split_linear(x: torch.Tensor, linear: nn.Linear, sizes: Sequence[int]) -> list[torch.Tensor]:
+    """`linear(x).split(sizes, dim=-1)`, computed as one product per part on the matching rows of
+    the weight (and bias): the same values, each part a contiguous tensor.
+
+    Why: the backward of `split` first concatenates every part's gradient into one fresh
+    `[..., sum(sizes)]` tensor, a whole-activation copy, before the product's backward reads it.
+    Per-part products send each gradient straight to its own product and add the input
+    gradients; only the small weight gradients are joined. On a 2-core CPU that made Mamba and
+    Mamba-2 training steps 5-8% faster (mamba-tiny and mamba2-tiny, batch 16).
+    """
+    weights = linear.weight.split(list(sizes), dim=0)
+    biases = [None] * len(weights) if linear.bias is None else linear.bias.split(list(sizes))
+    return [F.linear(x, w, b) for w, b in zip(weights, biases, strict=True)]

@@ -30,7 +30,7 @@ from torch import nn
 
 from memzoo.kernels import selective_scan, selective_state_update
 from memzoo.models.conv import ShortConv
-from memzoo.models.mixers.base import Mixer, check_mixer_input
+from memzoo.models.mixers.base import Mixer, check_mixer_input, split_linear
 
 __all__ = ["Mamba", "MambaCache"]
 
@@ -144,7 +144,7 @@ class Mamba(Mixer):
         token takes the decode path (conv update + selective_state_update).
         """
         check_mixer_input(self, x, cache, cu_seqlens)
-        u, z = self.in_proj(x).chunk(2, dim=-1)
+        u, z = split_linear(x, self.in_proj, [self.d_inner, self.d_inner])
         u, conv_state = self.conv1d(
             u, state=None if cache is None else cache.conv_state, cu_seqlens=cu_seqlens
         )

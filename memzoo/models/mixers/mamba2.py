@@ -30,7 +30,7 @@ from torch import nn
 
 from memzoo.kernels import ssd, ssd_step
 from memzoo.models.conv import ShortConv
-from memzoo.models.mixers.base import Mixer, check_mixer_input
+from memzoo.models.mixers.base import Mixer, check_mixer_input, split_linear
 from memzoo.models.norm import GatedRMSNorm
 
 __all__ = ["Mamba2", "Mamba2Cache"]
@@ -149,7 +149,7 @@ class Mamba2(Mixer):
         token takes the decode path (conv update + ssd_step).
         """
         check_mixer_input(self, x, cache, cu_seqlens)
-        z, xBC, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
+        z, xBC, dt = split_linear(x, self.in_proj, [self.d_inner, self.conv_dim, self.nheads])
         xBC, conv_state = self.conv1d(
             xBC, state=None if cache is None else cache.conv_state, cu_seqlens=cu_seqlens
         )

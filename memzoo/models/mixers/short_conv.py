@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from memzoo.models.conv import ShortConv
-from memzoo.models.mixers.base import Mixer, check_mixer_input
+from memzoo.models.mixers.base import Mixer, check_mixer_input, split_linear
 
 __all__ = ["ShortConvCache", "ShortConvMixer"]
 
@@ -72,7 +72,7 @@ class ShortConvMixer(Mixer):
 
     def forward(self, x: torch.Tensor, *, cache=None, cu_seqlens=None) -> torch.Tensor:
         check_mixer_input(self, x, cache, cu_seqlens)
-        u, gate = self.in_proj(x).chunk(2, dim=-1)
+        u, gate = split_linear(x, self.in_proj, [self.d_inner, self.d_inner])
         if cache is None:
             u, _ = self.conv(u, cu_seqlens=cu_seqlens)
         else:
