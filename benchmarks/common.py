@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import platform
@@ -9,6 +10,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import types
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,6 +27,21 @@ def device_description(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
     return f"CPU {platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def package_without_init(name: str) -> bool:
+    """Make `import name.sub` work without running `name/__init__.py`: a bare package object over
+    the package's folder goes into sys.modules. For mamba-ssm's unbuilt sources, whose __init__
+    imports the CUDA extension (`selective_scan_cuda`) that only a built install has, while its
+    Triton and plain-torch modules need none. False if the package is not on the path."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.submodule_search_locations is None:
+        return False
+    package = types.ModuleType(name)
+    package.__path__ = list(spec.submodule_search_locations)
+    package.__spec__ = spec
+    sys.modules[name] = package
+    return True
 
 
 def cuda_time_or_refusal(fn, repeats: int) -> float | str:

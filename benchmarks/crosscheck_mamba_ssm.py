@@ -13,22 +13,18 @@ PYTHONPATH; its CUDA extension is never called). It compares, in relative L2 err
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 import types
 
 import torch
+from common import package_without_init
 
 
 def _import_references():
     """(selective_scan_ref, ssd_minimal_discrete), importing mamba-ssm without its extension:
     its package __init__ and selective_scan_interface import the CUDA `selective_scan_cuda`."""
-    spec = importlib.util.find_spec("mamba_ssm")
-    if spec is None:
+    if not package_without_init("mamba_ssm"):
         sys.exit("mamba-ssm's sources are not importable: put them on PYTHONPATH")
-    package = types.ModuleType("mamba_ssm")
-    package.__path__ = list(spec.submodule_search_locations)
-    sys.modules["mamba_ssm"] = package
     sys.modules.setdefault("selective_scan_cuda", types.ModuleType("selective_scan_cuda"))
     from mamba_ssm.modules.ssd_minimal import ssd_minimal_discrete
     from mamba_ssm.ops.selective_scan_interface import selective_scan_ref

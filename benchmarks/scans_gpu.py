@@ -13,13 +13,18 @@ PYTHONPATH: it is Triton code). Writes benchmarks/results/scans-<gpu>.md.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
-import types
 
 import torch
 import torch.nn.functional as F
-from common import cuda_time_ms, cuda_time_or_refusal, ms_cell, slug, write_result
+from common import (
+    cuda_time_ms,
+    cuda_time_or_refusal,
+    ms_cell,
+    package_without_init,
+    slug,
+    write_result,
+)
 
 from memzoo.kernels import linear_attn, selective_scan, ssd
 
@@ -59,13 +64,8 @@ def _mamba_ssm_triton_ssd():
     try:
         from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
     except ImportError:
-        spec = importlib.util.find_spec("mamba_ssm")
-        if spec is None or spec.submodule_search_locations is None:
+        if not package_without_init("mamba_ssm"):
             return None
-        package = types.ModuleType("mamba_ssm")
-        package.__path__ = list(spec.submodule_search_locations)
-        package.__spec__ = spec
-        sys.modules["mamba_ssm"] = package
         try:
             from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
         except ImportError:
