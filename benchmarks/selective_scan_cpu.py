@@ -191,11 +191,7 @@ def _measure(T: int, args: argparse.Namespace) -> list[dict]:
 
 def write_table(rows: list[dict], args: argparse.Namespace, command: str) -> Path:
     block = rows[0]["block_size"]
-    block = (
-        "block_size=None: one block, a token loop, when a token's states are wide enough, as here"
-        if block is None
-        else f"block_size={block}"
-    )
+    block = "block_size=None: a token loop" if block is None else f"block_size={block}"
     lines = [
         f"# selective_scan on CPU {platform.machine()} ({rows[0]['threads']} threads)",
         "",

@@ -12,6 +12,7 @@ from memzoo.kernels.selective_scan.reference import (
     _ChunkedTokenLoop,
     _default_chunk_size,
     _DenseChunks,
+    _foreach_recurrence_,
     _PackedChunks,
     _Workspace,
     selective_scan_chunk_ref,
@@ -149,26 +150,34 @@ def test_chunk_inference_path_equals_autograd_path(packed):
 
 
 def test_block_count_rule():
-    """Wide states scan token by token without autograd, narrow ones in blocks side by side
-    (never more than sqrt(2L)); autograd takes the token loop; an explicit size wins."""
-    assert _blocks_per_chunk(64, 512 * 16, None, autograd=False) == 1
-    assert _blocks_per_chunk(64, 8 * 256, None, autograd=False) == 4
-    assert _blocks_per_chunk(64, 80, None, autograd=False) == round(math.sqrt(128))
-    assert _blocks_per_chunk(64, 80, None, autograd=True) == 1
-    assert _blocks_per_chunk(64, 80, 16, autograd=False) == 4
-    assert _blocks_per_chunk(100, 80, 7, autograd=True) == 15
+    """The token loop unless a block size is asked for; blocks never longer than the chunk."""
+    assert _blocks_per_chunk(64, None) == 1
+    assert _blocks_per_chunk(64, 16) == 4
+    assert _blocks_per_chunk(100, 7) == 15
+    assert _blocks_per_chunk(8, 64) == 1
 
 
 def test_default_chunk_size_rule():
-    """Chunks of 64 tokens up to 4 MiB of states each, shorter (powers of two, at least 8) for
-    wider states; fp64 states count double."""
+    """Chunks of up to 256 tokens, each buffer within 2 MiB, shorter (powers of two, at least 8)
+    for wider states; fp64 states count double."""
+    assert _default_chunk_size(20 * 4, 4) == 256
+    assert _default_chunk_size(64 * 16, 4) == 256
+    assert _default_chunk_size(256 * 16, 4) == 128
     assert _default_chunk_size(512 * 16, 4) == 64
-    assert _default_chunk_size(20 * 4, 4) == 64
-    assert _default_chunk_size(2 * 512 * 16, 4) == 64
-    assert _default_chunk_size(3 * 512 * 16, 4) == 32
-    assert _default_chunk_size(16 * 256 * 16, 4) == 16
-    assert _default_chunk_size(16 * 256 * 16, 8) == 8
+    assert _default_chunk_size(512 * 16, 8) == 32
+    assert _default_chunk_size(3 * 512 * 16, 4) == 16
+    assert _default_chunk_size(16 * 256 * 16, 4) == 8
     assert _default_chunk_size(1024 * 1024 * 16, 4) == 8
+
+
+def test_foreach_recurrence_runs_in_order():
+    """The token loop leans on torch's foreach addcmul visiting its lists in order, each step
+    reading the state the previous one wrote: x_j = a_j x_{j-1} + x_j from x_{-1} = 1."""
+    a = torch.full((5, 3), 2.0, dtype=torch.float64)
+    x = torch.ones(5, 3, dtype=torch.float64)
+    _foreach_recurrence_(x.unbind(0), a.unbind(0), torch.ones(3, dtype=torch.float64))
+    expected = torch.tensor([3.0, 7.0, 15.0, 31.0, 63.0], dtype=torch.float64)
+    assert torch.equal(x[:, 0], expected) and torch.equal(x[:, 2], expected)
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
@@ -190,12 +199,11 @@ def test_default_chunks_of_a_wide_state(packed):
         assert_close(f"d{name}", ref, grads[name], F64)
 
 
-@pytest.mark.parametrize("Dm,N", [(20, 4), (256, 16)], ids=["narrow-blocks", "wide-token-loop"])
+@pytest.mark.parametrize("Dm,N", [(20, 4), (256, 16)], ids=["narrow", "wide"])
 @pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
-def test_default_block_sizes_with_and_without_autograd(Dm, N, packed):
-    """The defaults: narrow states take blocks, wide ones the token loop that writes y over
-    its dt buffer; both, and the autograd path, equal the recurrence, and leave inputs as
-    they were."""
+def test_defaults_with_and_without_autograd(Dm, N, packed):
+    """The defaults: the token loop that writes y over its dt buffer, and the autograd path,
+    equal the recurrence and leave inputs as they were."""
     lengths = [37, 70, 5] if packed else None
     cu = None if lengths is None else cu_seqlens_from_lengths(lengths)
     Bsz, T = (1, sum(lengths)) if packed else (2, 100)

@@ -7,8 +7,8 @@ Per channel d (of group g = d // (Dm / G)) and state n, with delta = softplus(de
 Two forms, checked against each other in tests:
 - `selective_scan_recurrent_ref`: token by token through `selective_state_update_ref`.
 - `selective_scan_chunk_ref`: the CPU path. Chunks of C tokens run one after another; inside
-  a chunk, its C / c blocks of c tokens are scanned side by side (see `_scan_chunk`), or, for
-  states wide enough, token by token over pairs computed for the whole chunk at once.
+  a chunk, token by token (one foreach call) over decays and inputs computed for the whole
+  chunk at once, or, on request, C / c blocks of c tokens side by side (see `_scan_chunk`).
   Memory O(C Dm N) per chunk; differentiable, the token loop through a backward of its own.
 All compute in fp32 (fp64 for fp64 inputs); y comes back in u's dtype, states in fp32 (fp64).
 """
@@ -134,44 +134,41 @@ def selective_scan_recurrent_ref(
 # Chunked form
 # --------------------------------------------------------------------------------------
 
-# Without autograd, a step op inside a chunk should cover at least this many floats: below it,
-# the cost of launching an op outweighs its work (see `_blocks_per_chunk`).
-_MIN_STEP_NUMEL = 8192
-
-# A chunk's buffers (decays, inputs, states) of about this many bytes each keep the chunk's
-# passes over them in a CPU's cache (see `_default_chunk_size`).
-_CHUNK_BUFFER_BYTES = 4 << 20
+# A chunk's buffers (decays, states; with autograd, the states' gradients too) of about this
+# many bytes each keep the chunk's passes over them in a CPU's cache (see `_default_chunk_size`).
+_CHUNK_BUFFER_BYTES = 2 << 20
 
 
 def _default_chunk_size(width: int, itemsize: int) -> int:
-    """Tokens per chunk when chunk_size is None: the largest power of two L in [8, 64] whose
+    """Tokens per chunk when chunk_size is None: the largest power of two L in [8, 256] whose
     buffers of L x `width` values (a token's states: sequences x Dm x N) of `itemsize` bytes
-    stay within about 4 MiB, or 8.
+    stay within about 2 MiB each, or 8.
 
-    Wide states (many sequences at once) want short chunks: at B=16, Dm=256, N=16 (65536 states
-    a token) chunks of 16 run forward + backward 1.5x faster than chunks of 64 on a 2-core x86
-    VM, at B=64, Dm=128 chunks of 8 1.8x faster; one sequence of Dm=512 keeps 64.
+    Per chunk the scan makes a handful of whole-chunk ops, so narrow states want long chunks;
+    wide ones want short chunks, which stay in cache. Measured on a 2-core x86 VM against the
+    neighbouring powers of two, interleaved in one process: Dm=64, N=16 (1024 states a token)
+    runs 1.2x faster in chunks of 256 than of 64, forward and forward + backward; one sequence
+    of Dm=512 keeps 64 (128: as fast at T=4096, 1.2x slower at T=256 and 1024; 32: 1.08x
+    slower with autograd); 16 sequences of Dm=256 (65536 states) take 8: the plain scan 1.1x
+    faster than in chunks of 16 forward and 1.1-1.2x with autograd, a Mamba block's call 1.04x,
+    and mamba-tiny's whole training step (batch 16) unchanged within noise (0.96x, 30 pairs).
     """
     tokens = _CHUNK_BUFFER_BYTES // max(width * itemsize, 1)
-    return max(8, min(64, 1 << max(tokens.bit_length() - 1, 0)))
+    return max(8, min(256, 1 << max(tokens.bit_length() - 1, 0)))
 
 
-def _blocks_per_chunk(L: int, width: int, block_size: int | None, autograd: bool) -> int:
-    """How many blocks S a chunk of L tokens is scanned in, `width` floats of state per token.
+def _blocks_per_chunk(L: int, block_size: int | None) -> int:
+    """How many blocks S a chunk of L tokens is scanned in: one, a token loop, unless
+    block_size asks for blocks of that many tokens side by side (see `_scan_chunk`).
 
-    A chunk costs about 2c + S step ops of S * width floats each (c = L / S tokens per block),
-    and S > 1 reads the chunk's step pairs twice. S = 1, a plain token loop, makes the fewest
-    passes over memory, and is the choice without autograd whenever one token's states are wide
-    enough to keep an op busy; narrower states take S blocks side by side, up to sqrt(2L), where
-    2c + S is smallest. With autograd, S = 1: the token loop has a backward of its own
-    (`_ChunkedTokenLoop`), where blocks would go through autograd op by op.
+    The token loop is one foreach call per chunk, about 1 us a token at 8192 states; blocks make
+    2c + S Python-level step ops (c = L / S) and read the chunk's step pairs twice. Without
+    autograd blocks of the best size ran 1.2-1.6x slower than the token loop at every width
+    measured (64 to 8192 states a token, one sequence, chunks of 64, 2-core x86 VM); with
+    autograd they go op by op, where the token loop has a backward of its own
+    (`_ChunkedTokenLoop`).
     """
-    if block_size is None and autograd:
-        return 1
-    if block_size is not None:
-        return -(-L // min(block_size, L))
-    wanted = -(-_MIN_STEP_NUMEL // max(width, 1))
-    return max(1, min(wanted, round(math.sqrt(2 * L)), L))
+    return 1 if block_size is None else -(-L // min(block_size, L))
 
 
 def _foreach_recurrence_(x: tuple, a: tuple, first: torch.Tensor) -> None:
@@ -239,9 +236,10 @@ def _scan_chunk(
 
     The chunk is S = num_blocks blocks of c tokens, scanned side by side: every step op works on
     step j of all S blocks at once, so a chunk costs 2c + S step ops instead of L (with S = 1,
-    L ops and one pass). Pass 1 scans each block from a zero state, pass 2 carries the states
-    from block to block with each block's total decay, pass 3 scans each block again from its
-    true entering state, keeping every state, and one batched matmul reads out y_j = C_j h_j for
+    the default, L steps and one pass; without autograd pass 3 is one foreach call). Pass 1
+    scans each block from a zero state, pass 2 carries the states from block to block with each
+    block's total decay, pass 3 scans each block again from its true entering state, keeping
+    every state, and one batched matmul reads out y_j = C_j h_j for
     the whole chunk. States are state-major, `[N, P]` per group: channels are the contiguous
     axis, so every op runs over P-wide rows and the readout is a `[1, N] @ [N, P]` product per
     token. Tensors stay in time order `[b, S, c, ...]`: step j of all blocks is S runs of G N P
@@ -585,10 +583,11 @@ def selective_scan_chunk_ref(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunked form, the CPU path: u, delta, z `[B, T, Dm]`, B, C `[B, T, G, N]`.
 
-    Chunks of `chunk_size` tokens run one after another, carrying the states (None: 8 to 64
+    Chunks of `chunk_size` tokens run one after another, carrying the states (None: 8 to 256
     tokens, fewer the more states a token has, see `_default_chunk_size`); inside a chunk,
-    blocks of `block_size` tokens are scanned at once (see `_scan_chunk`; None picks the block
-    count from the state width, see `_blocks_per_chunk`). cu_seqlens (int32 `[N_seq + 1]`,
+    token after token (None), or blocks of `block_size` tokens side by side in the log-space
+    form of `_scan_chunk` (slower on the CPUs measured, see `_blocks_per_chunk`; kept as a
+    second form that the tests hold to the same results). cu_seqlens (int32 `[N_seq + 1]`,
     B == 1) packs sequences along T; it is read on the host.
     Returns y `[B, T, Dm]` and the final state `[N_seq, Dm, N]` (None unless asked).
 
@@ -610,6 +609,10 @@ def selective_scan_chunk_ref(
     if cu_seqlens is not None:
         offsets = cu_seqlens.tolist()
         lengths = [end - start for start, end in zip(offsets[:-1], offsets[1:], strict=True)]
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad
+        for t in (u, delta, A, B, C, D, z, delta_bias, initial_state)
+    )
     if chunk_size is None:
         running = Bsz if cu_seqlens is None else sum(n > 0 for n in lengths)
         chunk_size = _default_chunk_size(running * Dm * N, dtype.itemsize)
@@ -632,10 +635,6 @@ def selective_scan_chunk_ref(
         y = u.new_zeros(Bsz, T, Dm)
         return y, (h.transpose(2, 3).reshape(num_seqs, Dm, N) if output_final_state else None)
 
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad
-        for t in (u, delta, A, B, C, D, z, delta_bias, initial_state)
-    )
     u_ = u.to(dtype)
     if needs_grad:
         dt = _effective_delta(delta.to(dtype), delta_bias, delta_softplus)
@@ -655,7 +654,7 @@ def selective_scan_chunk_ref(
         for t in (dt.reshape(Bsz, T, G, P), u_.reshape(Bsz, T, G, P), B.to(dtype), C.to(dtype))
     ]
     L = layout.chunk
-    S = _blocks_per_chunk(L, layout.active[0] * Dm * N, block_size, needs_grad)
+    S = _blocks_per_chunk(L, block_size)
     workspace = None
     if not needs_grad or S == 1:
         # Shared by the chunks: the first is the largest (most sequences, the full length).
