@@ -151,7 +151,8 @@ def _default_chunk_size(width: int, itemsize: int) -> int:
     of Dm=512 keeps 64 (128: as fast at T=4096, 1.2x slower at T=256 and 1024; 32: 1.08x
     slower with autograd); 16 sequences of Dm=256 (65536 states) take 8: the plain scan 1.1x
     faster than in chunks of 16 forward and 1.1-1.2x with autograd, a Mamba block's call 1.04x,
-    and mamba-tiny's whole training step (batch 16) unchanged within noise (0.96x, 30 pairs).
+    and mamba-tiny's whole training step (batch 16) within this machine's noise: 0.93-1.03x in
+    five interleaved runs.
     """
     tokens = _CHUNK_BUFFER_BYTES // max(width * itemsize, 1)
     return max(8, min(256, 1 << max(tokens.bit_length() - 1, 0)))
