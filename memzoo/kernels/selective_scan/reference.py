@@ -178,8 +178,9 @@ def _foreach_recurrence_(x: tuple, a: tuple, first: torch.Tensor) -> None:
 
     One foreach call: on CPU it runs its in-place addcmul element after element, in list
     order, so step j reads the x_{j-1} that step j-1 has just written, and a token costs one
-    kernel dispatch (~0.7 us less than a Python-level op call: ~8% of a 4096-token scan at
-    Dm=512, N=16). The chunked tests against the token-by-token reference hold it to that.
+    kernel dispatch, ~0.7 us less than a Python-level op call (at B=1, T=4096, Dm=512, N=16 the
+    forward runs 1.07x faster, forward + backward 1.10x). The chunked tests against the
+    token-by-token reference, and `test_foreach_recurrence_runs_in_order`, hold it to that.
     """
     torch._foreach_addcmul_(x, a, (first, *x[:-1]))
 
@@ -240,12 +241,12 @@ def _scan_chunk(
     the default, L steps and one pass; without autograd pass 3 is one foreach call). Pass 1
     scans each block from a zero state, pass 2 carries the states from block to block with each
     block's total decay, pass 3 scans each block again from its true entering state, keeping
-    every state, and one batched matmul reads out y_j = C_j h_j for
-    the whole chunk. States are state-major, `[N, P]` per group: channels are the contiguous
-    axis, so every op runs over P-wide rows and the readout is a `[1, N] @ [N, P]` product per
-    token. Tensors stay in time order `[b, S, c, ...]`: step j of all blocks is S runs of G N P
-    contiguous floats, as fast to work on as one, and no input or output needs a transposed
-    copy. Returns the scan output sum_n C h `[b, L, G, P]` and the states leaving the chunk.
+    every state, and one batched matmul reads out y_j = C_j h_j for the whole chunk. States are
+    state-major, `[N, P]` per group: channels are the contiguous axis, so every op runs over
+    P-wide rows and the readout is a `[1, N] @ [N, P]` product per token. Tensors stay in time
+    order `[b, S, c, ...]`: step j of all blocks is S runs of G N P contiguous floats, as fast
+    to work on as one, and no input or output needs a transposed copy. Returns the scan output
+    sum_n C h `[b, L, G, P]` and the states leaving the chunk.
     """
     b, L, G, P = dt.shape
     N = B.shape[-1]
@@ -610,10 +611,6 @@ def selective_scan_chunk_ref(
     if cu_seqlens is not None:
         offsets = cu_seqlens.tolist()
         lengths = [end - start for start, end in zip(offsets[:-1], offsets[1:], strict=True)]
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad
-        for t in (u, delta, A, B, C, D, z, delta_bias, initial_state)
-    )
     if chunk_size is None:
         running = Bsz if cu_seqlens is None else sum(n > 0 for n in lengths)
         chunk_size = _default_chunk_size(running * Dm * N, dtype.itemsize)
@@ -636,6 +633,10 @@ def selective_scan_chunk_ref(
         y = u.new_zeros(Bsz, T, Dm)
         return y, (h.transpose(2, 3).reshape(num_seqs, Dm, N) if output_final_state else None)
 
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad
+        for t in (u, delta, A, B, C, D, z, delta_bias, initial_state)
+    )
     u_ = u.to(dtype)
     if needs_grad:
         dt = _effective_delta(delta.to(dtype), delta_bias, delta_softplus)
