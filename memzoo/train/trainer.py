@@ -43,7 +43,14 @@ from memzoo.train.distributed import Distributed
 from memzoo.train.plot import plot_losses, read_metrics
 from memzoo.train.source import CorpusData, TrainingData
 
-__all__ = ["TrainResult", "Trainer", "TrainingDiverged", "learning_rate", "param_groups"]
+__all__ = [
+    "TrainResult",
+    "Trainer",
+    "TrainingDiverged",
+    "learning_rate",
+    "no_decay_names",
+    "param_groups",
+]
 
 
 class TrainingDiverged(RuntimeError):
@@ -70,19 +77,33 @@ def learning_rate(step: int, cfg) -> float:
     return cfg.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: weight decay on matrices only; none on norms, biases, embeddings, gates
-    and parameters marked `_no_weight_decay` (SSM A_log, D, dt bias)."""
+def no_decay_names(model: nn.Module) -> set[str]:
+    """Names of the parameters AdamW must not decay: norms, biases, embeddings, gates (anything
+    below two dimensions) and parameters marked `_no_weight_decay` (SSM A_log, D, dt bias).
+
+    Read it before FSDP wraps the model: `fully_shard` puts new parameters in place of the
+    originals, without their marks, under the same names."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if not p.requires_grad:
-            continue
-        skip = p.dim() < 2 or id(p) in embeddings or getattr(p, "_no_weight_decay", False)
-        (no_decay if skip else decay).append(p)
+    return {
+        name
+        for name, p in model.named_parameters()
+        if p.dim() < 2 or id(p) in embeddings or getattr(p, "_no_weight_decay", False)
+    }
+
+
+def param_groups(
+    model: nn.Module, weight_decay: float, no_decay: set[str] | None = None
+) -> list[dict]:
+    """AdamW groups: weight decay on the trainable parameters except those named in no_decay
+    (by default `no_decay_names(model)`), none on those."""
+    no_decay = no_decay_names(model) if no_decay is None else no_decay
+    decay, keep = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (keep if name in no_decay else decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": keep, "weight_decay": 0.0},
     ]
 
 
@@ -191,10 +212,11 @@ class Trainer:
             cfg.model.vocab_size = tokenizer.vocab_size  # the tokenizer decides
         torch.manual_seed(cfg.train.seed)
         self.model = LM(cfg.model).to(dist.device)
+        no_decay = no_decay_names(self.model)  # before FSDP drops the parameters' marks
         self.wrapped = dist.wrap(self.model, cfg.train.distributed)
         t = cfg.train
         self.optimizer = torch.optim.AdamW(
-            param_groups(self.model, t.weight_decay), lr=t.lr, betas=tuple(t.betas)
+            param_groups(self.model, t.weight_decay, no_decay), lr=t.lr, betas=tuple(t.betas)
         )
         self.start_step = 0
         if self.resumed is not None:

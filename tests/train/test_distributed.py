@@ -35,15 +35,34 @@ CONFIG = {
 }
 
 
+# MemMamba with cross-layer reads: layer 1 reads layer 0's note pool, so a gradient crosses from
+# one wrapped block into another's parameters outside the blocks' own inputs and outputs. Its
+# Mamba blocks also hold a matrix kept out of weight decay (A_log `[Dm, N]`), which FSDP once
+# decayed: fully_shard's new parameters do not carry the mark.
+MEMMAMBA = {
+    "d_model": 32,
+    "n_layers": 2,
+    "pattern": ["memmamba"],
+    "mixer_options": {
+        "memmamba": {
+            "ssm_options": {"d_state": 8},
+            "note_dim": 16,
+            "pool_size": 4,
+            "cross_layer_every": 2,
+        }
+    },
+}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def run(tmp_path: Path, name: str, processes: int, *overrides: str) -> Path:
+def run(tmp_path: Path, name: str, processes: int, *overrides: str, model=None) -> Path:
     config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump(CONFIG))
+    config.write_text(yaml.safe_dump({**CONFIG, "model": model or CONFIG["model"]}))
     out = tmp_path / name
     command = ["-m", "memzoo.cli", "train", "--config", str(config), f"train.out_dir={out}"]
     if processes > 1:
@@ -67,10 +86,14 @@ def losses(run_dir: Path, kind: str, key: str) -> dict[int, float]:
     return {r["step"]: r[key] for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == kind}
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_processes_match_one(tmp_path, strategy):
-    one = run(tmp_path, "one", 1)
-    two = run(tmp_path, "two", 2, f"train.distributed={strategy}")
+@pytest.mark.parametrize(
+    "strategy, model",
+    [("ddp", None), ("fsdp", None), ("ddp", MEMMAMBA), ("fsdp", MEMMAMBA)],
+    ids=["ddp", "fsdp", "ddp-memmamba-cross-layer", "fsdp-memmamba-cross-layer"],
+)
+def test_two_processes_match_one(tmp_path, strategy, model):
+    one = run(tmp_path, "one", 1, model=model)
+    two = run(tmp_path, "two", 2, f"train.distributed={strategy}", model=model)
     a, b = losses(one, "train", "loss"), losses(two, "train", "loss")
     assert sorted(a) == sorted(b) == [1, 2, 3]
     assert all(abs(a[s] - b[s]) <= 1e-5 for s in a), (a, b)

@@ -15,7 +15,13 @@ from memzoo.models.mixers.mamba import Mamba
 from memzoo.train.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints
 from memzoo.train.config import RunConfig, load_run_config
 from memzoo.train.plot import read_metrics
-from memzoo.train.trainer import Trainer, TrainingDiverged, learning_rate, param_groups
+from memzoo.train.trainer import (
+    Trainer,
+    TrainingDiverged,
+    learning_rate,
+    no_decay_names,
+    param_groups,
+)
 
 
 def make_config(tmp_path, name="run", **train):
@@ -79,6 +85,23 @@ def test_no_weight_decay_on_norms_embeddings_and_ssm_parameters():
         assert id(p) in no_decay_ids
     assert id(mamba.in_proj.weight) in {id(p) for p in decay["params"]}
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+
+
+def test_no_decay_names_outlive_the_parameters_they_name():
+    """FSDP's fully_shard puts new parameters, without `_no_weight_decay`, in place of the old:
+    names read before the swap still keep A_log out of weight decay."""
+    from memzoo.models.config import LMConfig
+    from memzoo.models.lm import LM
+
+    model = LM(LMConfig(d_model=32, n_layers=1, pattern=["mamba"], ffn="none"))
+    names = no_decay_names(model)
+    mamba = model.blocks[0].mixers[0]
+    assert "blocks.0.mixers.0.A_log" in names and mamba.A_log.dim() == 2
+    mamba.A_log = torch.nn.Parameter(mamba.A_log.detach().clone())  # unmarked, as FSDP's
+    _, after_swap = param_groups(model, 0.1)
+    assert id(mamba.A_log) not in {id(p) for p in after_swap["params"]}  # what went wrong
+    _, kept = param_groups(model, 0.1, names)
+    assert id(mamba.A_log) in {id(p) for p in kept["params"]}
 
 
 def test_run_writes_metrics_checkpoints_samples_and_plot(tmp_path):
