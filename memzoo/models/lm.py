@@ -143,9 +143,13 @@ class LM(nn.Module):
             raise ValueError(f"LM: input_ids must be [B, T], got {shape!r}")
         if input_ids.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"LM: input_ids must be int32/int64, got {input_ids.dtype}")
-        # On CPU the range check is free; on CUDA it would be a host sync, so embedding's own
-        # device-side assert is left to catch it there.
-        if input_ids.device.type == "cpu" and input_ids.numel():
+        # On CPU the range check is free; on CUDA it would be a host sync, and under
+        # torch.compile a graph break, so embedding's own check is left to catch it there.
+        if (
+            input_ids.device.type == "cpu"
+            and input_ids.numel()
+            and not torch.compiler.is_compiling()
+        ):
             low, high = int(input_ids.min()), int(input_ids.max())
             if low < 0 or high >= self.config.vocab_size:
                 raise ValueError(
