@@ -2,6 +2,12 @@
 
 Each op lives in its own folder (`reference.py` = plain torch oracle and CPU path,
 `triton.py` = GPU kernels) and picks a backend per call (`backend="auto"`).
+
+Under torch.compile the Triton entry points, and the torch paths built on hand-written
+autograd.Functions (the chunked selective scan and linear attention), run eagerly, between
+graphs (`torch.compiler.disable`): the kernels are fused already, and dynamo does not capture
+their host-side logic, in-place workspaces and strided gradients faithfully. Everything around
+them in a model compiles as usual.
 """
 
 from memzoo.kernels._core import BackendUnavailableError

@@ -177,6 +177,13 @@ class InputCheck:
     def error(self, message: str) -> ValueError:
         return ValueError(f"{self.op}: {message}")
 
+    @staticmethod
+    def on_host(t: torch.Tensor) -> bool:
+        """Whether a check may read t's values on the host (and raise ValueError): on CPU, but
+        not under torch.compile, where a read breaks the graph. Elsewhere checks are async
+        asserts (torch._assert_async), which neither sync a GPU nor break a graph."""
+        return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
     def tensor(
         self,
         name: str,
@@ -258,7 +265,7 @@ class InputCheck:
         cu_seqlens = cu_seqlens.contiguous()
         first, last = cu_seqlens[0], cu_seqlens[-1]
         steps = cu_seqlens[1:] - cu_seqlens[:-1]
-        if cu_seqlens.device.type == "cpu":
+        if self.on_host(cu_seqlens):
             if int(first) != 0:
                 raise self.error(f"cu_seqlens must start at 0, got {int(first)}")
             if bool((steps < 0).any()):
@@ -279,6 +286,15 @@ class InputCheck:
                 last == total, f"{self.op}: cu_seqlens must end at {length_name}={total}"
             )
         return cu_seqlens
+
+
+@functools.cache
+def eager_under_compile(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """fn, run eagerly under torch.compile (a graph break; see `memzoo.kernels`): for the
+    torch paths built on hand-written autograd.Functions, whose in-place workspaces and strided
+    gradients dynamo does not capture faithfully. Wrapped on first use, not at import:
+    torch.compiler.disable imports dynamo, and dynamo imports Triton."""
+    return torch.compiler.disable(fn)
 
 
 def check_choice(op: str, name: str, value: Any, choices: Sequence[Any]) -> None:

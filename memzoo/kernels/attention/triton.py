@@ -273,6 +273,7 @@ class FlashAttentionFunction(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None
 
 
+@torch.compiler.disable  # eager under torch.compile: see memzoo.kernels
 def attention_triton(q, k, v, *, causal, window, scale, cu_seqlens):
     """Triton attention; contract of `memzoo.kernels.attention.attention` (inputs checked,
     contiguous, scale a float)."""

@@ -466,6 +466,7 @@ class CausalConv1dFunction(torch.autograd.Function):
         return dx, dweight, dbias, dinit, None, None, None
 
 
+@torch.compiler.disable  # eager under torch.compile: see memzoo.kernels
 def causal_conv1d_triton(
     x, weight, bias, activation, initial_state, output_final_state, cu_seqlens
 ):
@@ -475,6 +476,7 @@ def causal_conv1d_triton(
     )
 
 
+@torch.compiler.disable  # eager under torch.compile: see memzoo.kernels
 def causal_conv1d_update_triton(x, conv_state, weight, bias, activation):
     """Triton decode step; same contract as `memzoo.kernels.conv1d.causal_conv1d_update`."""
     B, D = x.shape

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from memzoo.kernels._core import InputCheck, register_op, resolve_backend
+from memzoo.kernels._core import InputCheck, eager_under_compile, register_op, resolve_backend
 from memzoo.kernels.linear_attn.based import based_attn, based_attn_step
 from memzoo.kernels.linear_attn.feature_maps import FEATURE_MAPS, get_feature_map
 from memzoo.kernels.linear_attn.prefix import prefix_state
@@ -62,7 +62,7 @@ def _check_decay(check: InputCheck, g, dims: str):
     if g is None:
         return None
     g = check.tensor("g", g, dims)
-    if g.device.type == "cpu":
+    if check.on_host(g):
         if bool((g > 0).any()):
             raise check.error(f"g is a log-decay and must be <= 0, got max {g.max().item():.4g}")
     else:
@@ -128,7 +128,7 @@ def linear_attn(
 
         run = linear_attn_triton
     else:
-        run = linear_attn_chunk_ref
+        run = eager_under_compile(linear_attn_chunk_ref)
     return run(
         q,
         k,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from memzoo.kernels._core import InputCheck, register_op, resolve_backend
+from memzoo.kernels._core import InputCheck, eager_under_compile, register_op, resolve_backend
 from memzoo.kernels.linear_attn.feature_maps import get_feature_map
 from memzoo.kernels.linear_attn.reference import linear_attn_chunk_ref, linear_attn_step_ref
 
@@ -118,7 +118,7 @@ def based_attn(
             output_final_state=output_final_state, cu_seqlens=cu_seqlens,
         )  # fmt: skip
     taylor = get_feature_map("taylor")
-    return linear_attn_chunk_ref(
+    return eager_under_compile(linear_attn_chunk_ref)(
         taylor(q), taylor(k), v, scale=1.0, normalize=True, eps=eps,
         initial_state=initial_state, output_final_state=output_final_state,
         cu_seqlens=cu_seqlens,

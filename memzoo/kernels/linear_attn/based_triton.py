@@ -572,6 +572,7 @@ class BasedAttnFunction(torch.autograd.Function):
         return dq, dk, dv, ds0, dz0, None, None, None, None
 
 
+@torch.compiler.disable  # eager under torch.compile: see memzoo.kernels
 def based_attn_triton(q, k, v, *, eps, initial_state, output_final_state, cu_seqlens):
     """Fused Triton BASED; contract of `based_attn` (inputs already checked and contiguous)."""
     B, T, H, _ = q.shape

@@ -472,6 +472,7 @@ def _recurrent(q, k, v, g, h0, cu, scale, output_final, out_dtype):
 RECURRENT_MAX_T = 16
 
 
+@torch.compiler.disable  # eager under torch.compile: see memzoo.kernels
 def linear_attn_triton(
     q, k, v, *, g, scale, normalize, eps, initial_state, output_final_state, cu_seqlens
 ):
@@ -516,6 +517,7 @@ def linear_attn_triton(
     return o.reshape(B, T, H, V).to(v.dtype), ht
 
 
+@torch.compiler.disable  # eager under torch.compile: see memzoo.kernels
 def linear_attn_step_triton(q, k, v, state, *, g, scale, normalize, eps):
     """One decode step through the recurrent kernel; contract of `linear_attn_step`."""
     o, new_state = linear_attn_triton(

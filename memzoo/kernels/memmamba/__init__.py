@@ -97,7 +97,7 @@ def _check_counts(check: InputCheck, counts: torch.Tensor, S: int) -> None:
         return
     steps = counts[:, 1:] - counts[:, :-1]
     first, last = counts[:, 0], counts[:, -1]
-    if counts.device.type == "cpu":
+    if check.on_host(counts):
         if bool((first < 0).any()):
             raise check.error(f"counts must be >= 0, got {int(first.min())} at t = 0")
         if bool(((steps < 0) | (steps > 1)).any()):

@@ -285,6 +285,7 @@ class NoteAttentionFunction(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
+@torch.compiler.disable  # eager under torch.compile: see memzoo.kernels
 def note_attention_triton(q, k, v, counts, capacity, scale, cu_seqlens):
     """Triton note attention; contract of `memzoo.kernels.memmamba.note_attention` (inputs
     checked and contiguous). Returns (o `[B, T, H, Dv]`, lse `[B, T, H]` fp32)."""

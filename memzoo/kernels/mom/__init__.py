@@ -76,7 +76,7 @@ class MemoryGrouping(NamedTuple):
 def _check_values(check: InputCheck, ok: torch.Tensor, message: str) -> None:
     """Raise ValueError(message) unless the bool tensor `ok` is all true, without a host sync
     where one would cost (CUDA) or break the graph (torch.compile): an async assert there."""
-    if ok.device.type == "cpu" and not torch.compiler.is_compiling():
+    if check.on_host(ok):
         if not bool(ok.all()):
             raise check.error(message)
     else:

@@ -16,6 +16,7 @@ from memzoo.kernels._core import (
     BackendUnavailableError,
     InputCheck,
     check_choice,
+    eager_under_compile,
     register_op,
     resolve_backend,
 )
@@ -29,8 +30,7 @@ __all__ = ["selective_scan", "selective_state_update"]
 
 def _check_A(check: InputCheck, A) -> torch.Tensor:
     A = check.tensor("A", A, "D N")
-    # Under torch.compile the host-side check would break the graph; the assert traces.
-    if A.device.type == "cpu" and not torch.compiler.is_compiling():
+    if check.on_host(A):
         if bool((A >= 0).any()):
             raise check.error(
                 "A must be negative everywhere (Mamba stores A = -exp(A_log)), "
@@ -131,7 +131,7 @@ def selective_scan(
 
         run = selective_scan_triton
     else:
-        run = selective_scan_chunk_ref
+        run = eager_under_compile(selective_scan_chunk_ref)
     return run(
         u,
         delta,

@@ -566,10 +566,6 @@ class _PackedChunks:
         return y.flatten(0, 1).index_select(0, self.back)[None]
 
 
-# torch.compile runs this eagerly (a graph break): its autograd.Function writes a shared
-# workspace in place, chunk after chunk, which the tracer cannot capture, and traced, its
-# per-token foreach loop would unroll into a graph of T steps that compiles to no faster code.
-@torch.compiler.disable
 def selective_scan_chunk_ref(
     u: torch.Tensor,
     delta: torch.Tensor,

@@ -238,6 +238,7 @@ class SelectiveScanFunction(torch.autograd.Function):
         )  # fmt: skip
 
 
+@torch.compiler.disable  # eager under torch.compile: see memzoo.kernels
 def selective_scan_triton(
     u, delta, A, B, C, *, D, z, delta_bias, delta_softplus, initial_state, output_final_state,
     cu_seqlens,

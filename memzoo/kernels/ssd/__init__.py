@@ -23,7 +23,7 @@ __all__ = ["ssd", "ssd_step"]
 def _check_params(check: InputCheck, A, D, dt_bias):
     """A `[H]` (< 0), D `[H]` or `[H, P]`, dt_bias `[H]`; after x fixed H and P."""
     A = check.tensor("A", A, "H")
-    if A.device.type == "cpu":
+    if check.on_host(A):
         if bool((A >= 0).any()):
             raise check.error(
                 f"A must be negative (one decay rate per head, e.g. -exp(A_log)), "
@@ -77,7 +77,7 @@ def _time_steps(check: InputCheck, dt, dt_bias, dt_softplus: bool, dtype: torch.
         dt = dt + dt_bias.to(dtype)
     if dt_softplus:
         return F.softplus(dt)
-    if dt.device.type == "cpu":
+    if check.on_host(dt):
         if bool((dt < 0).any()):
             raise check.error(
                 "with dt_softplus=False, dt (+ dt_bias) must be >= 0 (a time step), "
