@@ -517,7 +517,6 @@ def linear_attn_triton(
     return o.reshape(B, T, H, V).to(v.dtype), ht
 
 
-@torch.compiler.disable  # eager under torch.compile: see memzoo.kernels
 def linear_attn_step_triton(q, k, v, state, *, g, scale, normalize, eps):
     """One decode step through the recurrent kernel; contract of `linear_attn_step`."""
     o, new_state = linear_attn_triton(
