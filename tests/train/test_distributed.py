@@ -37,8 +37,8 @@ CONFIG = {
 
 # MemMamba with cross-layer reads: layer 1 reads layer 0's note pool, so a gradient crosses from
 # one wrapped block into another's parameters outside the blocks' own inputs and outputs. Its
-# Mamba blocks also hold a matrix kept out of weight decay (A_log `[Dm, N]`), which FSDP once
-# decayed: fully_shard's new parameters do not carry the mark.
+# Mamba blocks also hold a matrix kept out of weight decay (A_log `[Dm, N]`), whose mark
+# fully_shard's new parameters do not carry (see `no_decay_names`).
 MEMMAMBA = {
     "d_model": 32,
     "n_layers": 2,
