@@ -10,14 +10,14 @@ selective_scan-cpu-bare.md.
 The forward times of the chunked path and of the recurrence come from fresh processes
 (--rounds) that each alternate between them, so that a noisy machine slows both alike and each
 process's ratio holds; the speed-up is the median of those ratios, taken once from each
-process's median times and once from its fastest runs (interference only adds time, and a
-busy neighbour slows the two-thread chunked path more than the one-thread recurrence, so the
-fastest runs are the code's speed and the medians the machine's). Memory is measured in
-further fresh processes, one per implementation, which allocate their inputs, record their
-peak RSS (ru_maxrss) as the baseline, then run: the memory columns are the growth of the peak
-above that baseline, under the default allocator and again (in another fresh process, one run)
-with glibc's mmap threshold pinned at 64 KiB, so that every buffer of 64 KiB or more is its
-own mapping, returned on free: what the algorithm holds at its peak. Forward rows run under
+process's median times and once from its fastest runs (interference only adds time, and a busy
+neighbour slows the two-thread chunked path more than the one-thread recurrence, so the fastest
+runs come nearest the code's own speed, the medians tell the machine's). Memory is measured in
+further fresh processes, one per implementation, which allocate their inputs, record their peak
+RSS (ru_maxrss) as the baseline, then run: the memory columns are the growth of the peak above
+that baseline, under the default allocator and again (in another fresh process, one run) with
+glibc's mmap threshold pinned at 64 KiB, so that every buffer of 64 KiB or more is its own
+mapping, returned on free: what the algorithm holds at its peak. Forward rows run under
 torch.inference_mode(); "chunk fwd+bwd" backpropagates through the chunked path (the CPU
 training path), timed in its own process.
 Writes benchmarks/results/selective_scan-cpu.md.
