@@ -1,5 +1,7 @@
 """Triton selective scan (Mamba-1) vs the fp64 token-by-token reference, forward and gradients."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -128,6 +130,78 @@ def test_varlen_equals_per_sequence():
         )
 
 
+@pytest.fixture
+def scan_triton():
+    return pytest.importorskip("memzoo.kernels.selective_scan.triton")
+
+
+def force_segments(monkeypatch, scan_triton, length):
+    """Launch segmented (or, with None, whole sequences) whatever the device."""
+    monkeypatch.setattr(scan_triton, "_segment_length", lambda *args: length)
+
+
+@pytest.mark.parametrize(
+    "T,segment,options", [(63, 8, True), (100, 24, False), (17, 16, True)],
+    ids=["T63-seg8", "T100-seg24", "T17-seg16-last-segment-short"],
+)  # fmt: skip
+def test_segmented_launch_forward_and_gradients(monkeypatch, scan_triton, T, segment, options):
+    """Segments scanned side by side, joined by the segment passes, equal the fp64 reference:
+    y, final state and every gradient (dinitial_state from the reverse pass)."""
+    force_segments(monkeypatch, scan_triton, segment)
+    inputs = make_inputs(2, T, 20, 4, 2, seed=T, options=options)
+    check(inputs, softplus=True)
+
+
+def test_segmented_varlen_equals_whole_sequences(monkeypatch, scan_triton):
+    """Packed sequences of every kind of length (empty, shorter than a segment, several
+    segments with a short last one) give what the unsegmented launch gives."""
+    lengths = [1, 20, 0, 9, 33]
+    inputs = make_inputs(1, sum(lengths), 12, 4, 1, seed=6, num_states=len(lengths))
+    cu = cu_seqlens_from_lengths(lengths)
+    runs = {}
+    for segment in (None, 8):
+        force_segments(monkeypatch, scan_triton, segment)
+        runs[segment] = run(inputs, torch.float32, softplus=True, backend="triton", cu_seqlens=cu)
+    (y, final, grads), (y_seg, final_seg, grads_seg) = runs[None], runs[8]
+    assert_close("y", y, y_seg, 1e-5)
+    assert_close("final", final, final_seg, 1e-5)
+    for name in grads:
+        assert_close(f"d{name}", grads[name], grads_seg[name], 1e-5)
+
+
+@pytest.mark.parametrize("segment", [None, 8], ids=["whole", "segmented"])
+def test_inference_forward_equals_training_forward(monkeypatch, scan_triton, segment):
+    """Without autograd the forward keeps no tile states; its output is the same."""
+    force_segments(monkeypatch, scan_triton, segment)
+    inputs = {n: t.float() for n, t in make_inputs(2, 30, 12, 4, 2, seed=9).items()}
+    args = {n: inputs[n] for n in ("D", "z", "delta_bias", "initial_state")}
+    main = [inputs[n] for n in ("u", "delta", "A", "B", "C")]
+    kwargs = {"delta_softplus": True, "output_final_state": True, "backend": "triton"}
+    with torch.no_grad():
+        y, final = selective_scan(*main, **args, **kwargs)
+    leaves = [t.clone().requires_grad_() for t in main]
+    y_grad, final_grad = selective_scan(*leaves, **args, **kwargs)
+    assert_close("y", y_grad.detach(), y, 1e-6)
+    assert_close("final", final_grad.detach(), final, 1e-6)
+
+
+@pytest.mark.cpu
+def test_segment_length_rule(monkeypatch, scan_triton):
+    """Segments only where the launch leaves multiprocessors idle, as many per sequence as
+    fit in one wave, at least MIN_SEGMENT rows, cut on tiles."""
+    monkeypatch.setattr(scan_triton, "_sm_count", lambda index: 132)
+    rule, gpu = scan_triton._segment_length, SimpleNamespace(type="cuda", index=0)
+    # B=2, Dm=1536, N=16: 96 forward programs a sequence; 132 x 8 fit at once: 5 segments each.
+    assert rule(192, 8, 2 * 16384, 2, gpu, 8) == 3280
+    # Its backward (48 programs a sequence, one a multiprocessor): one sequence, 2 segments;
+    # two sequences already hold 96 of the 132 and 192 would not fit in one wave.
+    assert rule(48, 1, 16384, 1, gpu, 8) == 8192
+    assert rule(96, 1, 2 * 16384, 2, gpu, 8) is None
+    assert rule(192, 8, 2 * 300, 2, gpu, 8) is None  # too short to cut
+    assert rule(8, 8, 4096, 1, gpu, 8) == scan_triton.MIN_SEGMENT
+    assert rule(8, 8, 4096, 1, SimpleNamespace(type="cpu", index=None), 8) is None
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cuda_half_precision(dtype):
@@ -136,3 +210,16 @@ def test_cuda_half_precision(dtype):
     y_ref, final_ref, _ = run(inputs, torch.float64, softplus=True, backend="torch")
     assert_close("y", y_ref, y, 2e-2)
     assert_close("final", final_ref, final, 2e-2)
+
+
+@pytest.mark.gpu
+def test_cuda_segmented_by_the_rule_fp32(scan_triton):
+    """One long, narrow sequence, which the launcher cuts into segments on any GPU: fp32
+    forward and every gradient against the fp64 reference."""
+    T, Dm = 3000, 64
+    device = torch.device("cuda", 0)
+    for backward, per_sm in ((False, scan_triton.FWD_PER_SM), (True, scan_triton.BWD_PER_SM)):
+        programs = Dm // scan_triton._launch(16, Dm, backward=backward)["BD"]
+        assert scan_triton._segment_length(programs, per_sm, T, 1, device, 8) is not None
+    inputs = {n: t.cuda() for n, t in make_inputs(1, T, Dm, 16, 1, seed=2).items()}
+    check(inputs, softplus=True)

@@ -1,12 +1,17 @@
-"""Triton selective scan (Mamba-1): forward and backward over chunks of time.
+"""Triton selective scan (Mamba-1): forward and backward over tiles of time.
 
 Per channel d and state n, with a_t = exp(delta_t A[d, n]) and b_t = delta_t u_t B_t[n]:
     h_t = a_t h_{t-1} + b_t,    y_t = sum_n C_t[n] h_t[d, n]
 One program owns BD channels of one group and one sequence (packed rows, offsets `cu`) and
-walks its chunks of BT tokens in order. Inside a chunk the pairs (a, b) are combined by an
+walks its tiles of BT tokens in order. Inside a tile the pairs (a, b) are combined by an
 associative scan, (a1, b1) o (a2, b2) = (a1 a2, a2 b1 + b2): products of decays <= 1, so
-nothing overflows and nothing divides by a decay. The state entering each chunk is stored
-(fp32) for the backward, which walks the chunks in reverse:
+nothing overflows and nothing divides by a decay. When that launch is too narrow to fill the
+GPU (few sequences, few channels), each sequence is cut into segments walked side by side: a
+first pass scans every segment from a zero state, a sequential pass over segment boundaries
+carries the state across each with its total decay exp(A sum_t delta_t) <= 1, and the main
+pass rescans every segment from its true entering state (`_segment_length`). Under autograd
+the state entering each tile is stored (fp32) for the backward, which walks the tiles in
+reverse (segmented the same way):
     dh_t = dy_t C_t + a_{t+1} dh_{t+1}     (a reverse associative scan; dh_T seeded by dS_T)
     du_t = delta_t sum_n dh_t B_t,   ddelta_t = sum_n dh_t (a_t h_{t-1} A + B_t u_t)
     dA = sum_t dh_t a_t h_{t-1} delta_t,  dB_t = sum_d dh_t delta_t u_t,  dC_t = sum_d dy_t h_t
@@ -15,6 +20,8 @@ delta, the D skip and the z gate are elementwise and run in torch around the ker
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +49,15 @@ def _launch(N: int, channels_per_group: int, *, backward: bool = False) -> dict:
 
 # The backward holds about three times the forward's tiles: 8 warps keep it from spilling.
 FWD_WARPS, BWD_WARPS = 4, 8
+# Programs a multiprocessor holds at once, by registers (65536 on sm_80/sm_90): the forward
+# takes 64 a thread at 4 warps, the backward 249 at 8 (`python -m memzoo.kernels.aot --only
+# selective_scan`). Used to size segments (`_segment_length`).
+FWD_PER_SM, BWD_PER_SM = 8, 1
+# The backward's first pass over segments holds no states: 4 warps (8 spill on sm_80).
+SEGMENT_WARPS = 4
+# Rows. A segment boundary moves about 4 N fp32 values per channel through memory: at N=16,
+# an eighth of what the two passes over a segment of 256 bf16 rows read of u and delta.
+MIN_SEGMENT = 256
 
 
 @triton.jit
@@ -79,19 +95,138 @@ def _chunk_inputs(
     return delta, u, Bt, Ct, a, b
 
 
-# One program: BD channels of one group and one sequence, chunk by chunk in time order.
 @triton.jit
-def _fwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, h0_ptr, y_ptr, hc_ptr, ht_ptr, cu_ptr, first_ptr,
-    Dm, G, NS,
+def _span(cu_ptr, tile_first_ptr, seg_seq_ptr, seg_idx_ptr, SEG, BT: tl.constexpr,
+          SEGMENTED: tl.constexpr):  # fmt: skip
+    """(slot, sequence, start row, stop row, index of the first tile) of this program's rows.
+
+    Without SEGMENTED, program_id(1) is a sequence and the rows are all of it; with it,
+    program_id(1) is an entry of the segment table (`ChunkTable` of SEG rows) and the rows are
+    that segment's, none for a surplus entry. Tiles of BT rows are numbered per sequence from
+    `tile_first`; SEG is a multiple of BT, so a segment starts on a tile.
+    """
+    slot = tl.cast(tl.program_id(1), tl.int64)
+    if SEGMENTED:
+        seq = tl.load(seg_seq_ptr + slot)
+        valid = seq >= 0
+        seq = tl.maximum(seq, 0).to(tl.int64)
+        idx = tl.load(seg_idx_ptr + slot).to(tl.int64)
+        start = tl.load(cu_ptr + seq).to(tl.int64) + idx * SEG
+        stop = tl.minimum(start + SEG, tl.load(cu_ptr + seq + 1).to(tl.int64))
+        stop = tl.where(valid, stop, start)
+        tile0 = tl.load(tile_first_ptr + seq).to(tl.int64) + idx * (SEG // BT)
+    else:
+        seq = slot
+        start = tl.load(cu_ptr + seq).to(tl.int64)
+        stop = tl.load(cu_ptr + seq + 1).to(tl.int64)
+        tile0 = tl.load(tile_first_ptr + seq).to(tl.int64)
+    return slot, seq, start, stop, tile0
+
+
+@triton.jit
+def _state_grads(delta_ptr, dy_ptr, A, Ct, rows, o_t, o_d, m_d, stop, tile_start, carry, Dm,
+                 BT: tl.constexpr):  # fmt: skip
+    """(dy [BT, BD], dh [BT, BD, BN]) of one tile whose rows end at `stop` or go on:
+    dh_t = dy_t C_t + a_{t+1} dh_{t+1}, with `carry` the gradient flowing into the tile's last
+    row from the row after it."""
+    # a_{t+1} inside the tile; 0 at its last row, whose successor arrives as `carry`.
+    has_next = (o_t < BT - 1) & (rows + 1 < stop)
+    delta_next = tl.load(
+        delta_ptr + (rows + 1)[:, None] * Dm + o_d[None, :],
+        mask=has_next[:, None] & m_d[None, :],
+        other=0.0,
+    ).to(tl.float32)
+    a_next = tl.where(has_next[:, None, None], tl.exp(delta_next[:, :, None] * A[None]), 0.0)
+    m_td = (rows < stop)[:, None] & m_d[None, :]
+    dy = tl.load(dy_ptr + rows[:, None] * Dm + o_d[None, :], mask=m_td, other=0.0)
+    is_last = (o_t == tl.minimum(stop - tile_start, BT) - 1)[:, None, None]
+    inflow = dy[:, :, None] * Ct[:, None, :] + tl.where(is_last, carry[None, :, :], 0.0)
+    _, dh = tl.associative_scan((a_next, inflow), 0, _combine, reverse=True)
+    return dy, dh
+
+
+# Segmented launches only. One program: BD channels of one segment, scanned from a zero state:
+# the state it leaves, and the sum of its steps, whose decay exp(A sum) carries a state across it.
+@triton.jit
+def _fwd_segment_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, seg_state_ptr, seg_dsum_ptr, cu_ptr, tile_first_ptr,
+    seg_seq_ptr, seg_idx_ptr,
+    Dm, G, NS, SEG,
     BT: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
-    HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr,
 ):  # fmt: skip
     i_g, i_b, o_d, m_d = _channels(Dm, G, BD)
+    slot, seq, start, stop, tile0 = _span(
+        cu_ptr, tile_first_ptr, seg_seq_ptr, seg_idx_ptr, SEG, BT, True
+    )
+    o_s = tl.arange(0, BN)
+    m_s = o_s < NS
+    m_ds = m_d[:, None] & m_s[None, :]
+    block = o_d[:, None] * NS + o_s[None, :]
+    A = tl.load(A_ptr + block, mask=m_ds, other=0.0).to(tl.float32)
+    last = (tl.arange(0, BT) == BT - 1)[:, None, None]
+    h = tl.zeros([BD, BN], dtype=tl.float32)
+    dsum = tl.zeros([BD], dtype=tl.float32)
+    for c in range(0, tl.cdiv(stop - start, BT)):
+        rows = start + c * BT + tl.arange(0, BT)
+        delta, u, Bt, Ct, a, b = _chunk_inputs(
+            u_ptr, delta_ptr, B_ptr, C_ptr, A, rows, rows < stop, o_d, m_d, o_s, m_s, i_g, Dm,
+            G, NS,
+        )  # fmt: skip
+        a_cum, b_cum = tl.associative_scan((a, b), 0, _combine)
+        h = tl.sum(tl.where(last, a_cum * h[None, :, :] + b_cum, 0.0), axis=0)
+        dsum += tl.sum(delta, axis=0)
+    tl.store(seg_state_ptr + slot * Dm * NS + block, h, mask=m_ds)
+    tl.store(seg_dsum_ptr + slot * Dm + o_d, dsum, mask=m_d)
+
+
+# Segmented launches only. One program: BLOCK (channel, state) pairs of one sequence, walking its
+# segments in order (REVERSE: backwards), x <- exp(A dsum_s) x + local_s. Each segment's local
+# value is replaced by the x that enters it; the x after the last one goes to `final`.
+@triton.jit
+def _segment_pass_kernel(
+    A_ptr, seg_state_ptr, seg_dsum_ptr, init_ptr, final_ptr, cu_ptr, seg_first_ptr,
+    Dm, NS, SEG,
+    BLOCK: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
+    REVERSE: tl.constexpr,
+):  # fmt: skip
     i_n = tl.cast(tl.program_id(1), tl.int64)
-    bos = tl.load(cu_ptr + i_n).to(tl.int64)
-    eos = tl.load(cu_ptr + i_n + 1).to(tl.int64)
-    first = tl.load(first_ptr + i_n).to(tl.int64)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < Dm * NS
+    A = tl.load(A_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    length = tl.load(cu_ptr + i_n + 1).to(tl.int64) - tl.load(cu_ptr + i_n).to(tl.int64)
+    count = tl.cdiv(length, SEG)
+    first = tl.load(seg_first_ptr + i_n).to(tl.int64)
+    x = tl.zeros([BLOCK], dtype=tl.float32)
+    if HAS_INIT:
+        x += tl.load(init_ptr + i_n * Dm * NS + offs, mask=m, other=0.0)
+    for j in range(0, count):
+        if REVERSE:
+            s = first + count - 1 - j
+        else:
+            s = first + j
+        local = tl.load(seg_state_ptr + s * Dm * NS + offs, mask=m, other=0.0)
+        dsum = tl.load(seg_dsum_ptr + s * Dm + offs // NS, mask=m, other=0.0)
+        tl.store(seg_state_ptr + s * Dm * NS + offs, x, mask=m)
+        x = tl.exp(A * dsum) * x + local
+    if STORE_FINAL:
+        tl.store(final_ptr + i_n * Dm * NS + offs, x, mask=m)
+
+
+# One program: BD channels of one group and one sequence (SEGMENTED: one segment, entered with
+# the state the segment pass found), tile by tile in time order.
+@triton.jit
+def _fwd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, h0_ptr, y_ptr, hc_ptr, ht_ptr, cu_ptr, tile_first_ptr,
+    seg_seq_ptr, seg_idx_ptr,
+    Dm, G, NS, SEG,
+    BT: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
+    HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr, STORE_TILES: tl.constexpr,
+    SEGMENTED: tl.constexpr,
+):  # fmt: skip
+    i_g, i_b, o_d, m_d = _channels(Dm, G, BD)
+    slot, seq, start, stop, tile0 = _span(
+        cu_ptr, tile_first_ptr, seg_seq_ptr, seg_idx_ptr, SEG, BT, SEGMENTED
+    )
     o_s = tl.arange(0, BN)
     m_s = o_s < NS
     m_ds = m_d[:, None] & m_s[None, :]
@@ -100,12 +235,15 @@ def _fwd_kernel(
     last = (tl.arange(0, BT) == BT - 1)[:, None, None]
 
     h = tl.zeros([BD, BN], dtype=tl.float32)
-    if HAS_H0:
-        h += tl.load(h0_ptr + i_n * Dm * NS + block, mask=m_ds, other=0.0)
-    for c in range(0, tl.cdiv(eos - bos, BT)):
-        tl.store(hc_ptr + (first + c) * Dm * NS + block, h, mask=m_ds)
-        rows = bos + c * BT + tl.arange(0, BT)
-        m_t = rows < eos
+    if SEGMENTED:  # h0_ptr: the state entering each segment
+        h += tl.load(h0_ptr + slot * Dm * NS + block, mask=m_ds & (stop > start), other=0.0)
+    elif HAS_H0:
+        h += tl.load(h0_ptr + seq * Dm * NS + block, mask=m_ds, other=0.0)
+    for c in range(0, tl.cdiv(stop - start, BT)):
+        if STORE_TILES:  # the state entering each tile, for the backward
+            tl.store(hc_ptr + (tile0 + c) * Dm * NS + block, h, mask=m_ds)
+        rows = start + c * BT + tl.arange(0, BT)
+        m_t = rows < stop
         delta, u, Bt, Ct, a, b = _chunk_inputs(
             u_ptr, delta_ptr, B_ptr, C_ptr, A, rows, m_t, o_d, m_d, o_s, m_s, i_g, Dm, G, NS
         )
@@ -115,23 +253,62 @@ def _fwd_kernel(
         tl.store(y_ptr + rows[:, None] * Dm + o_d[None, :], y, mask=m_t[:, None] & m_d[None, :])
         h = tl.sum(tl.where(last, states, 0.0), axis=0)  # padded rows keep the last state
     if STORE_FINAL:
-        tl.store(ht_ptr + i_n * Dm * NS + block, h, mask=m_ds)
+        tl.store(ht_ptr + seq * Dm * NS + block, h, mask=m_ds)
 
 
-# One program: the same block, chunk by chunk in reverse, carrying the state gradient.
+# Segmented launches only. One program: BD channels of one segment, in reverse from a zero
+# gradient after it: the gradient it sends to the state entering it, and the sum of its steps.
+@triton.jit
+def _bwd_segment_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, dy_ptr, seg_carry_ptr, seg_dsum_ptr, cu_ptr,
+    tile_first_ptr, seg_seq_ptr, seg_idx_ptr,
+    Dm, G, NS, SEG,
+    BT: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
+):  # fmt: skip
+    i_g, i_b, o_d, m_d = _channels(Dm, G, BD)
+    slot, seq, start, stop, tile0 = _span(
+        cu_ptr, tile_first_ptr, seg_seq_ptr, seg_idx_ptr, SEG, BT, True
+    )
+    o_s = tl.arange(0, BN)
+    m_s = o_s < NS
+    m_ds = m_d[:, None] & m_s[None, :]
+    block = o_d[:, None] * NS + o_s[None, :]
+    A = tl.load(A_ptr + block, mask=m_ds, other=0.0).to(tl.float32)
+    o_t = tl.arange(0, BT)
+    carry = tl.zeros([BD, BN], dtype=tl.float32)
+    dsum = tl.zeros([BD], dtype=tl.float32)
+    num_tiles = tl.cdiv(stop - start, BT)
+    for j in range(0, num_tiles):
+        tile_start = start + (num_tiles - 1 - j) * BT
+        rows = tile_start + o_t
+        delta, u, Bt, Ct, a, b = _chunk_inputs(
+            u_ptr, delta_ptr, B_ptr, C_ptr, A, rows, rows < stop, o_d, m_d, o_s, m_s, i_g, Dm,
+            G, NS,
+        )  # fmt: skip
+        dy, dh = _state_grads(
+            delta_ptr, dy_ptr, A, Ct, rows, o_t, o_d, m_d, stop, tile_start, carry, Dm, BT
+        )
+        carry = tl.sum(tl.where((o_t == 0)[:, None, None], a * dh, 0.0), axis=0)
+        dsum += tl.sum(delta, axis=0)
+    tl.store(seg_carry_ptr + slot * Dm * NS + block, carry, mask=m_ds)
+    tl.store(seg_dsum_ptr + slot * Dm + o_d, dsum, mask=m_d)
+
+
+# One program: the same rows as the forward's, tile by tile in reverse, carrying the state
+# gradient (SEGMENTED: entered with the gradient the reverse segment pass found).
 @triton.jit
 def _bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, hc_ptr, dy_ptr, dht_ptr,
-    du_ptr, ddelta_ptr, dA_part_ptr, dB_part_ptr, dC_part_ptr, dh0_ptr, cu_ptr, first_ptr,
-    R, Dm, G, NS,
+    du_ptr, ddelta_ptr, dA_part_ptr, dB_part_ptr, dC_part_ptr, dh0_ptr, cu_ptr, tile_first_ptr,
+    seg_seq_ptr, seg_idx_ptr,
+    R, Dm, G, NS, SEG,
     BT: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
-    HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
+    HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, SEGMENTED: tl.constexpr,
 ):  # fmt: skip
     i_g, i_b, o_d, m_d = _channels(Dm, G, BD)
-    i_n = tl.cast(tl.program_id(1), tl.int64)
-    bos = tl.load(cu_ptr + i_n).to(tl.int64)
-    eos = tl.load(cu_ptr + i_n + 1).to(tl.int64)
-    first = tl.load(first_ptr + i_n).to(tl.int64)
+    slot, seq, start, stop, tile0 = _span(
+        cu_ptr, tile_first_ptr, seg_seq_ptr, seg_idx_ptr, SEG, BT, SEGMENTED
+    )
     o_s = tl.arange(0, BN)
     m_s = o_s < NS
     m_ds = m_d[:, None] & m_s[None, :]
@@ -139,36 +316,29 @@ def _bwd_kernel(
     A = tl.load(A_ptr + block, mask=m_ds, other=0.0).to(tl.float32)
     o_t = tl.arange(0, BT)
 
-    # `carry` is the gradient flowing into the chunk's last token from after it.
+    # `carry` is the gradient flowing into the tile's last row from after it.
     carry = tl.zeros([BD, BN], dtype=tl.float32)
-    if HAS_DHT:
-        carry += tl.load(dht_ptr + i_n * Dm * NS + block, mask=m_ds, other=0.0)
+    if SEGMENTED:  # dht_ptr: the gradient entering each segment from after it
+        carry += tl.load(dht_ptr + slot * Dm * NS + block, mask=m_ds & (stop > start), other=0.0)
+    elif HAS_DHT:
+        carry += tl.load(dht_ptr + seq * Dm * NS + block, mask=m_ds, other=0.0)
     dA = tl.zeros([BD, BN], dtype=tl.float32)
-    num_chunks = tl.cdiv(eos - bos, BT)
-    for j in range(0, num_chunks):
-        c = num_chunks - 1 - j
-        rows = bos + c * BT + o_t
-        m_t = rows < eos
+    num_tiles = tl.cdiv(stop - start, BT)
+    for j in range(0, num_tiles):
+        c = num_tiles - 1 - j
+        tile_start = start + c * BT
+        rows = tile_start + o_t
+        m_t = rows < stop
         m_td = m_t[:, None] & m_d[None, :]
         delta, u, Bt, Ct, a, b = _chunk_inputs(
             u_ptr, delta_ptr, B_ptr, C_ptr, A, rows, m_t, o_d, m_d, o_s, m_s, i_g, Dm, G, NS
         )
-        h_start = tl.load(hc_ptr + (first + c) * Dm * NS + block, mask=m_ds, other=0.0)
+        h_start = tl.load(hc_ptr + (tile0 + c) * Dm * NS + block, mask=m_ds, other=0.0)
         a_cum, b_cum = tl.associative_scan((a, b), 0, _combine)
         states = a_cum * h_start[None, :, :] + b_cum
-
-        # a_{t+1} inside the chunk; 0 at its last token, whose successor arrives as `carry`.
-        has_next = (o_t < BT - 1) & (rows + 1 < eos)
-        delta_next = tl.load(
-            delta_ptr + (rows + 1)[:, None] * Dm + o_d[None, :],
-            mask=has_next[:, None] & m_d[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        a_next = tl.where(has_next[:, None, None], tl.exp(delta_next[:, :, None] * A[None]), 0.0)
-        dy = tl.load(dy_ptr + rows[:, None] * Dm + o_d[None, :], mask=m_td, other=0.0)
-        is_last = (o_t == tl.minimum(eos - bos - c * BT, BT) - 1)[:, None, None]
-        inflow = dy[:, :, None] * Ct[:, None, :] + tl.where(is_last, carry[None, :, :], 0.0)
-        _, dh = tl.associative_scan((a_next, inflow), 0, _combine, reverse=True)
+        dy, dh = _state_grads(
+            delta_ptr, dy_ptr, A, Ct, rows, o_t, o_d, m_d, stop, tile_start, carry, Dm, BT
+        )
 
         decayed_prev = states - b  # a_t h_{t-1}
         du = delta * tl.sum(dh * Bt[:, None, :], axis=2)
@@ -183,58 +353,141 @@ def _bwd_kernel(
         tl.store(dB_part_ptr + part, tl.sum(dh * (delta * u)[:, :, None], axis=1), mask=m_ts)
         tl.store(dC_part_ptr + part, tl.sum(dy[:, :, None] * states, axis=1), mask=m_ts)
         carry = tl.sum(tl.where((o_t == 0)[:, None, None], a * dh, 0.0), axis=0)
-    tl.store(dA_part_ptr + i_n * Dm * NS + block, dA, mask=m_ds)
+    # Per slot (sequence or segment) partials of dA, summed by the launcher; a surplus segment
+    # writes zeros.
+    tl.store(dA_part_ptr + slot * Dm * NS + block, dA, mask=m_ds)
     if STORE_DH0:
-        tl.store(dh0_ptr + i_n * Dm * NS + block, carry, mask=m_ds)
+        tl.store(dh0_ptr + seq * Dm * NS + block, carry, mask=m_ds)
+
+
+PASS_BLOCK = 256  # (channel, state) pairs per program of the segment pass
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    """Multiprocessors of CUDA device `device_index`."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _segment_length(programs: int, per_sm: int, rows: int, num_seqs: int, device, BT: int):
+    """Rows per segment for a launch of `programs` (channel blocks x sequences), or None: one
+    program walks each whole sequence.
+
+    Each program walks its rows tile after tile, a chain of dependent steps, so a launch with
+    fewer programs than the GPU holds at once (`per_sm` per multiprocessor, set by the kernel's
+    registers) leaves it idle however long the sequences are. Segments of at least
+    MIN_SEGMENT rows, as many per sequence as still fit in one wave, make the launch that many
+    times wider, for the price of a first pass over each segment from a zero state and a
+    sequential pass over segment boundaries. None on CPU, and wherever the launch already
+    fills the GPU or the sequences are too short to cut. The rule is a model of occupancy;
+    `benchmarks/selective_scan_launch_gpu.py --segments rule whole` times it against no
+    segments.
+    """
+    if device.type != "cuda" or num_seqs == 0 or programs == 0:
+        return None
+    per_seq = _sm_count(device.index or 0) * per_sm // programs
+    mean_length = rows // num_seqs
+    if per_seq < 2 or mean_length < 2 * MIN_SEGMENT:
+        return None
+    length = max(MIN_SEGMENT, triton.cdiv(triton.cdiv(mean_length, per_seq), BT) * BT)
+    return length if length < mean_length else None
 
 
 class SelectiveScanFunction(torch.autograd.Function):
     """Packed scan: u, delta `[R, Dm]` (delta already softplus'd), A `[Dm, N]` fp32,
-    B, C `[R, G, N]`, h0 `[N_seq, Dm, N]` fp32 or None. Returns y `[R, Dm]` fp32 (before the
-    D skip and z gate) and the final state or None."""
+    B, C `[R, G, N]`, h0 `[N_seq, Dm, N]` fp32 or None; store_tiles: keep the state entering
+    each tile for a backward. Returns y `[R, Dm]` fp32 (before the D skip and z gate) and the
+    final state or None."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, h0, cu, fixed_length, output_final):
+    def forward(ctx, u, delta, A, B, C, h0, cu, fixed_length, output_final, store_tiles):
         R, Dm = u.shape
         G, N = B.shape[1], B.shape[2]
         launch = _launch(N, Dm // G)
-        chunks = ChunkTable(cu, R, fixed_length, launch["BT"])
-        y = torch.empty(R, Dm, dtype=torch.float32, device=u.device)
-        hc = torch.empty(chunks.bound, Dm, N, dtype=torch.float32, device=u.device)
-        ht = torch.empty(chunks.num_seqs, Dm, N, dtype=torch.float32, device=u.device)
-        grid = (G * triton.cdiv(Dm // G, launch["BD"]), chunks.num_seqs)
-        _fwd_kernel[grid](
-            u, delta, A, B, C, u if h0 is None else h0, y, hc, ht, cu, chunks.first,
-            Dm, G, N, HAS_H0=h0 is not None, STORE_FINAL=output_final, **launch,
-            num_warps=FWD_WARPS,
-        )  # fmt: skip
-        ctx.save_for_backward(u, delta, A, B, C, h0, cu, hc, chunks.first)
-        ctx.num_seqs = chunks.num_seqs
+        tiles = ChunkTable(cu, R, fixed_length, launch["BT"])
+        blocks = G * triton.cdiv(Dm // G, launch["BD"])
+        f32 = {"dtype": torch.float32, "device": u.device}
+        y = torch.empty(R, Dm, **f32)
+        hc = torch.empty(tiles.bound, Dm, N, **f32) if store_tiles else y
+        ht = torch.empty(tiles.num_seqs, Dm, N, **f32)
+        seg = _segment_length(blocks * tiles.num_seqs, FWD_PER_SM, R, tiles.num_seqs, u.device,
+                              launch["BT"])  # fmt: skip
+        scan = {"Dm": Dm, "G": G, "NS": N, "num_warps": FWD_WARPS, **launch}
+        if seg is None:
+            _fwd_kernel[(blocks, tiles.num_seqs)](
+                u, delta, A, B, C, u if h0 is None else h0, y, hc, ht, cu, tiles.first, cu, cu,
+                SEG=0, HAS_H0=h0 is not None, STORE_FINAL=output_final, STORE_TILES=store_tiles,
+                SEGMENTED=False, **scan,
+            )  # fmt: skip
+        else:
+            segs = ChunkTable(cu, R, fixed_length, seg)
+            tables = (cu, tiles.first, segs.seq, segs.idx)
+            entering = torch.empty(segs.bound, Dm, N, **f32)
+            dsum = torch.empty(segs.bound, Dm, **f32)
+            _fwd_segment_kernel[(blocks, segs.bound)](
+                u, delta, A, B, C, entering, dsum, *tables, SEG=seg, **scan
+            )
+            _segment_pass_kernel[(triton.cdiv(Dm * N, PASS_BLOCK), tiles.num_seqs)](
+                A, entering, dsum, ht if h0 is None else h0, ht, cu, segs.first, Dm, N, seg,
+                BLOCK=PASS_BLOCK, HAS_INIT=h0 is not None, STORE_FINAL=output_final,
+                REVERSE=False,
+            )  # fmt: skip
+            _fwd_kernel[(blocks, segs.bound)](
+                u, delta, A, B, C, entering, y, hc, ht, *tables, SEG=seg, HAS_H0=False,
+                STORE_FINAL=False, STORE_TILES=store_tiles, SEGMENTED=True, **scan,
+            )  # fmt: skip
+        ctx.save_for_backward(u, delta, A, B, C, h0, cu, hc, tiles.first)
+        ctx.num_seqs, ctx.fixed_length = tiles.num_seqs, fixed_length
         return y, (ht if output_final else None)
 
     @staticmethod
     def backward(ctx, dy, dht):
-        u, delta, A, B, C, h0, cu, hc, first = ctx.saved_tensors
+        u, delta, A, B, C, h0, cu, hc, tile_first = ctx.saved_tensors
         R, Dm = u.shape
         G, N = B.shape[1], B.shape[2]
         launch = _launch(N, Dm // G, backward=True)
         blocks = triton.cdiv(Dm // G, launch["BD"])
         f32 = {"dtype": torch.float32, "device": u.device}
         du, ddelta = torch.empty(R, Dm, **f32), torch.empty(R, Dm, **f32)
-        dA_part = torch.empty(ctx.num_seqs, Dm, N, **f32)
         dB_part, dC_part = torch.empty(blocks, R, G, N, **f32), torch.empty(blocks, R, G, N, **f32)
         dh0 = torch.empty(ctx.num_seqs, Dm, N, **f32)
-        _bwd_kernel[(G * blocks, ctx.num_seqs)](
-            u, delta, A, B, C, hc, dy.float().contiguous(),
-            hc if dht is None else dht.float().contiguous(),
-            du, ddelta, dA_part, dB_part, dC_part, dh0, cu, first,
-            R, Dm, G, N, HAS_DHT=dht is not None, STORE_DH0=h0 is not None, **launch,
-            num_warps=BWD_WARPS,
-        )  # fmt: skip
+        dy = dy.float().contiguous()
+        dht = None if dht is None else dht.float().contiguous()
+        seg = _segment_length(G * blocks * ctx.num_seqs, BWD_PER_SM, R, ctx.num_seqs, u.device,
+                              launch["BT"])  # fmt: skip
+        scan = {"Dm": Dm, "G": G, "NS": N, "num_warps": BWD_WARPS, **launch}
+        if seg is None:
+            dA_part = torch.empty(ctx.num_seqs, Dm, N, **f32)
+            _bwd_kernel[(G * blocks, ctx.num_seqs)](
+                u, delta, A, B, C, hc, dy, hc if dht is None else dht,
+                du, ddelta, dA_part, dB_part, dC_part, dh0, cu, tile_first, cu, cu, R=R,
+                SEG=0, HAS_DHT=dht is not None, STORE_DH0=h0 is not None, SEGMENTED=False,
+                **scan,
+            )  # fmt: skip
+        else:
+            segs = ChunkTable(cu, R, ctx.fixed_length, seg)
+            tables = (cu, tile_first, segs.seq, segs.idx)
+            carries = torch.empty(segs.bound, Dm, N, **f32)
+            dsum = torch.empty(segs.bound, Dm, **f32)
+            dA_part = torch.empty(segs.bound, Dm, N, **f32)
+            _bwd_segment_kernel[(G * blocks, segs.bound)](
+                u, delta, A, B, C, dy, carries, dsum, *tables, SEG=seg,
+                **{**scan, "num_warps": SEGMENT_WARPS},
+            )  # fmt: skip
+            _segment_pass_kernel[(triton.cdiv(Dm * N, PASS_BLOCK), ctx.num_seqs)](
+                A, carries, dsum, dh0 if dht is None else dht, dh0, cu, segs.first, Dm, N, seg,
+                BLOCK=PASS_BLOCK, HAS_INIT=dht is not None, STORE_FINAL=h0 is not None,
+                REVERSE=True,
+            )  # fmt: skip
+            _bwd_kernel[(G * blocks, segs.bound)](
+                u, delta, A, B, C, hc, dy, carries,
+                du, ddelta, dA_part, dB_part, dC_part, dh0, *tables, R=R,
+                SEG=seg, HAS_DHT=False, STORE_DH0=False, SEGMENTED=True, **scan,
+            )  # fmt: skip
         return (
             du.to(u.dtype), ddelta.to(delta.dtype), dA_part.sum(0).to(A.dtype),
             dB_part.sum(0).to(B.dtype), dC_part.sum(0).to(C.dtype),
-            None if h0 is None else dh0, None, None, None,
+            None if h0 is None else dh0, None, None, None, None,
         )  # fmt: skip
 
 
@@ -253,10 +506,13 @@ def selective_scan_triton(
     if delta_softplus:
         delta = F.softplus(delta.float())
     h0 = None if initial_state is None else initial_state.float().contiguous()
+    # The states entering each tile are kept only for a backward that can run.
+    inputs = (u, delta, A, B, C, h0)
+    store_tiles = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
     y, final = SelectiveScanFunction.apply(
         u.reshape(batch * T, Dm), delta.reshape(batch * T, Dm).contiguous(), A.float(),
         B.reshape(batch * T, G, N), C.reshape(batch * T, G, N), h0, cu, fixed_length,
-        output_final_state,
+        output_final_state, store_tiles,
     )  # fmt: skip
     y = y.reshape(batch, T, Dm)
     if D is not None:
@@ -274,18 +530,26 @@ def selective_scan_triton(
 def _register_aot_specs() -> None:
     types = {
         **{f"{n}_ptr": "*bf16" for n in ("u", "B", "C")},
-        **{f"{n}_ptr": "*i32" for n in ("cu", "first")},
+        **{f"{n}_ptr": "*i32" for n in ("cu", "tile_first", "seg_seq", "seg_idx", "seg_first")},
     }
+    whole = {"SEGMENTED": False}
+    segmented = {"SEGMENTED": True}
     for N in (4, 16):
-        for name, kernel, flags, num_warps in (
-            ("fwd", _fwd_kernel, {"HAS_H0": True, "STORE_FINAL": True}, FWD_WARPS),
-            ("bwd", _bwd_kernel, {"HAS_DHT": True, "STORE_DH0": True}, BWD_WARPS),
-        ):
-            launch = _launch(N, channels_per_group=1536, backward=name == "bwd")
-            constexprs = {**launch, **flags}
+        fwd, bwd = _launch(N, 1536), _launch(N, 1536, backward=True)
+        for name, kernel, constexprs, num_warps in (
+            ("fwd", _fwd_kernel, {**fwd, **whole, "HAS_H0": True, "STORE_FINAL": True,
+                                  "STORE_TILES": True}, FWD_WARPS),
+            ("fwd-segmented", _fwd_kernel, {**fwd, **segmented, "HAS_H0": False,
+                                            "STORE_FINAL": False, "STORE_TILES": True}, FWD_WARPS),
+            ("fwd_segment", _fwd_segment_kernel, fwd, FWD_WARPS),
+            ("bwd", _bwd_kernel, {**bwd, **whole, "HAS_DHT": True, "STORE_DH0": True}, BWD_WARPS),
+            ("bwd-segmented", _bwd_kernel, {**bwd, **segmented, "HAS_DHT": False,
+                                            "STORE_DH0": False}, BWD_WARPS),
+            ("bwd_segment", _bwd_segment_kernel, bwd, SEGMENT_WARPS),
+        ):  # fmt: skip
             register_aot(
                 AotSpec(
-                    name=f"selective_scan_{name}-N{N}-BD{launch['BD']}",
+                    name=f"selective_scan_{name}-N{N}-BD{constexprs['BD']}",
                     kernel=kernel,
                     signature=aot_signature(kernel, constexprs, types),
                     constexprs=constexprs,
@@ -293,6 +557,17 @@ def _register_aot_specs() -> None:
                     multiple_of_16=("Dm",),
                 )
             )
+    constexprs = {"BLOCK": PASS_BLOCK, "HAS_INIT": True, "STORE_FINAL": True, "REVERSE": False}
+    register_aot(
+        AotSpec(
+            name="selective_scan_segment_pass",
+            kernel=_segment_pass_kernel,
+            signature=aot_signature(_segment_pass_kernel, constexprs, types),
+            constexprs=constexprs,
+            num_warps=4,
+            multiple_of_16=("Dm",),
+        )
+    )
 
 
 _register_aot_specs()
