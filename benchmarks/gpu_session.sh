@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# One pass of GPU checks and timings, sized for a short lease on one GPU (about 9 minutes on
+# One pass of GPU checks and timings, sized for a short lease on one GPU (about 10 minutes on
 # a fresh machine, most of it compiling kernels):
 #   1. the Triton kernel tests compiled on the GPU (MEMZOO_TEST_DEVICE=cuda; the bad-value
 #      cases marked `device_assert` are left out there, and test_device_asserts.py checks the
 #      device-side asserts in subprocesses). Each test's outcome is logged as it finishes, so a
 #      run cut off by its time limit still says which tests passed and failed;
-#   2. GPU benchmarks: LM presets' training throughput, linear attention (vs SDPA and fla) and
-#      the state-space scans. benchmarks/attention_gpu.py,
+#   2. GPU benchmarks: LM presets' training throughput, linear attention (vs SDPA and fla),
+#      the state-space scans, and the selective scan with and without segments (B=1).
+#      benchmarks/attention_gpu.py, the other launch shapes of
 #      benchmarks/selective_scan_launch_gpu.py and a short `memzoo train --config
 #      configs/hydra-tiny.yaml` run are the other GPU checks.
 # Logs and result tables go to $OUT (default /tmp/memzoo-gpu). Optional wheels in .whl/
@@ -53,9 +54,13 @@ grep -oE "(FAILED|ERROR) tests/\S+" "$OUT/kernel-tests.log" | sort -u | head -40
         --train-sizes tiny 125m
     step 90 linear.log python3 benchmarks/linear_attn_gpu.py --repeats 10
     step 60 scans.log python3 benchmarks/scans_gpu.py --lengths 2048 8192 16384 --repeats 5
+    # One sequence: the launch the segments widen most (both passes), against none.
+    step 60 segments.log python3 benchmarks/selective_scan_launch_gpu.py --batch 1 \
+        --lengths 2048 16384 --variants shipped --segments rule whole \
+        --name selective_scan_segments-b1
 } >"$OUT/benchmarks.log" 2>&1
 cat "$OUT/benchmarks.log"
-for log in presets linear scans; do
+for log in presets linear scans segments; do
     cat "$OUT/$log.log" >>"$OUT/all-benchmarks.log" 2>/dev/null && rm -f "$OUT/$log.log"
 done
 tar czf "$OUT/results.tgz" benchmarks/results

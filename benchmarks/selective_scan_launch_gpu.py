@@ -1,11 +1,14 @@
-"""Pick the Triton selective scan's launch shape on a GPU: tile sizes and warps, timed.
+"""Pick the Triton selective scan's launch shape on a GPU: tile sizes, warps and segments, timed.
 
-Each variant (BT tokens x BD channels per tile, forward warps, backward warps) is first checked
-against the fp64 torch reference (fp32 inputs, forward and every gradient), then timed forward
-and forward+backward in bf16 at Mamba's shape (Dm=1536, N=16, softplus, D, z). Writes
+Each variant (BT tokens x BD channels per tile, forward warps, backward warps) and segmenting
+(`rule`: the launcher's own `_segment_length`; `whole`: one program per sequence and channel
+block; a number: segments of that many rows) is first checked against the fp64 torch reference
+(fp32 inputs, forward and every gradient), then timed forward and forward+backward in bf16 at
+Mamba's shape (Dm=1536, N=16, softplus, D, z). Writes
 benchmarks/results/selective_scan_launch-<gpu>.md.
 
-    python benchmarks/selective_scan_launch_gpu.py [--lengths 8192] [--variants 8,16,4,8 8,32,4,8]
+    python benchmarks/selective_scan_launch_gpu.py [--batch 2] [--lengths 8192]
+        [--variants 8,16,4,8 8,32,4,8] [--segments rule whole 1024]
 """
 
 from __future__ import annotations
@@ -20,20 +23,29 @@ from memzoo.kernels import selective_scan
 from memzoo.kernels.selective_scan import triton as scan_triton
 from memzoo.kernels.testing import relative_rmse
 
-# (BT, BD, forward warps, backward warps); the first is the shipped default.
+# (BT, BD, forward warps, backward warps), the same for both passes; or "shipped": the
+# launcher's own shapes (8 x 16 forward tiles at 4 warps, 8 x 32 backward tiles at 8).
 VARIANTS = [(8, 16, 4, 8), (8, 32, 4, 8), (4, 64, 8, 8), (2, 128, 8, 8)]
+SHIPPED = "shipped"
 
 
-def _patched(variant):
-    """Context manager that makes the kernels launch with `variant`."""
-    BT, BD, fwd_warps, bwd_warps = variant
+def _patched(variant, segments="rule"):
+    """Context manager that makes the kernels launch with `variant` and `segments`."""
+    patches = {}
+    if variant != SHIPPED:
+        BT, BD, fwd_warps, bwd_warps = variant
 
-    def launch(N, channels_per_group, backward=False):
-        return {"BT": BT, "BD": BD, "BN": max(2, 1 << (N - 1).bit_length())}
+        def launch(N, channels_per_group, backward=False):
+            return {"BT": BT, "BD": BD, "BN": max(2, 1 << (N - 1).bit_length())}
 
-    return mock.patch.multiple(
-        scan_triton, _launch=launch, FWD_WARPS=fwd_warps, BWD_WARPS=bwd_warps
-    )
+        patches = {"_launch": launch, "FWD_WARPS": fwd_warps, "BWD_WARPS": bwd_warps}
+    if segments != "rule":
+        rows = None if segments == "whole" else int(segments)
+        tile = 8 if variant == SHIPPED else variant[0]
+        if rows is not None and rows % tile:
+            raise ValueError(f"segments of {rows} rows do not cut on tiles of {tile}")
+        patches["_segment_length"] = lambda *args: rows
+    return mock.patch.multiple(scan_triton, **patches)
 
 
 def _inputs(batch, T, Dm, N, dtype, seed):
@@ -62,10 +74,12 @@ def _forward_backward(inputs, backend, cotangent=None):
     return y, {n: t.grad for n, t in leaves.items()}, cotangent
 
 
-def worst_error(variant) -> float:
+def worst_error(variant, segments) -> float:
     """Largest relative RMSE over y and every gradient, fp32 kernel vs fp64 reference."""
     inputs = _inputs(2, 333, 200, 16, torch.float32, seed=0)
-    with _patched(variant):
+    if segments != "whole":
+        segments = "96"  # short inputs: the segmented path, 4 segments a sequence
+    with _patched(variant, segments):
         y, grads, cot = _forward_backward(inputs, "triton")
     ref_inputs = {n: t.double() for n, t in inputs.items()}
     y_ref, grads_ref, _ = _forward_backward(ref_inputs, "torch", cot)
@@ -73,7 +87,7 @@ def worst_error(variant) -> float:
     return max(errors)
 
 
-def timings(variant, batch, T) -> tuple[float, float]:
+def timings(variant, segments, batch, T) -> tuple[float, float]:
     inputs = _inputs(batch, T, 1536, 16, torch.bfloat16, seed=1)
     leaves = {n: t.clone().requires_grad_() for n, t in inputs.items()}
 
@@ -83,7 +97,7 @@ def timings(variant, batch, T) -> tuple[float, float]:
             delta_bias=t["delta_bias"], delta_softplus=True, backend="triton",
         )[0]  # fmt: skip
 
-    with _patched(variant):
+    with _patched(variant, segments):
         fwd = cuda_time_ms(lambda: forward(inputs), repeats=10)
         both = cuda_time_ms(lambda: forward(leaves).float().sum().backward(), repeats=10)
     return fwd, both
@@ -95,8 +109,16 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[8192])
     parser.add_argument(
         "--variants", nargs="+", default=[",".join(map(str, v)) for v in VARIANTS],
-        help="BT,BD,forward warps,backward warps (e.g. 8,32,4,8)",
+        help="BT,BD,forward warps,backward warps (e.g. 8,32,4,8), or shipped",
     )  # fmt: skip
+    parser.add_argument(
+        "--segments", nargs="+", default=["rule", "whole"],
+        help="rule (the launcher's choice), whole (no segments) or rows per segment (a "
+        "multiple of every variant's BT)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--name", default="selective_scan_launch", help="results/<name>-<gpu>.md is written"
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("selective_scan_launch_gpu.py needs a CUDA device")
@@ -107,28 +129,36 @@ def main() -> None:
         "",
         f"bf16, B={args.batch}, Dm=1536, N=16, softplus + D + z; median of 10 runs; error = worst "
         "relative RMSE of y and all gradients, fp32 kernel vs fp64 reference (B=2, T=333, "
-        f"Dm=200); torch {torch.__version__}. Reproduce: `python "
-        "benchmarks/selective_scan_launch_gpu.py`.",
+        "Dm=200; in segments of 96 rows unless `whole`); segments `rule`: the launcher's "
+        f"choice; torch {torch.__version__}. Reproduce: `python "
+        "benchmarks/selective_scan_launch_gpu.py "
+        f"--batch {args.batch} --lengths {' '.join(map(str, args.lengths))} "
+        f"--variants {' '.join(args.variants)} --segments {' '.join(args.segments)}`.",
         "",
-        "| BT | BD | warps fwd/bwd | error | T | fwd (ms) | fwd+bwd (ms) |",
-        "|---:|---:|---|---:|---:|---:|---:|",
+        "| BT | BD | warps fwd/bwd | segments | error | T | fwd (ms) | fwd+bwd (ms) |",
+        "|---:|---:|---|---|---:|---:|---:|---:|",
     ]
-    for variant in [tuple(int(x) for x in v.split(",")) for v in args.variants]:
-        BT, BD, fw, bw = variant
-        try:
-            error = worst_error(variant)
-        except Exception as exc:  # a variant that fails to compile is a row, not a crash
-            print(f"BT={BT} BD={BD}: {type(exc).__name__}: {exc}", flush=True)
-            lines.append(f"| {BT} | {BD} | {fw}/{bw} | failed: {type(exc).__name__} | | | |")
-            continue
-        for T in args.lengths:
-            fwd, both = timings(variant, args.batch, T)
-            print(f"BT={BT:>2} BD={BD:>4} warps {fw}/{bw} err {error:.1e} T={T:>6} "
-                  f"fwd {fwd:8.3f} ms fwd+bwd {both:8.3f} ms", flush=True)  # fmt: skip
-            lines.append(
-                f"| {BT} | {BD} | {fw}/{bw} | {error:.1e} | {T} | {fwd:.3f} | {both:.3f} |"
-            )
-    print(f"wrote {write_result(f'selective_scan_launch-{slug(device)}.md', lines)}")
+    variants = [v if v == SHIPPED else tuple(int(x) for x in v.split(",")) for v in args.variants]
+    for variant in variants:
+        BT, BD, fw, bw = ("8", "16/32", "4", "8") if variant == SHIPPED else variant
+        for segments in args.segments:
+            try:
+                error = worst_error(variant, segments)
+            except Exception as exc:  # a variant that fails to compile is a row, not a crash
+                print(f"BT={BT} BD={BD} {segments}: {type(exc).__name__}: {exc}", flush=True)
+                failed = f"failed: {type(exc).__name__}"
+                lines.append(f"| {BT} | {BD} | {fw}/{bw} | {segments} | {failed} | | | |")
+                continue
+            for T in args.lengths:
+                fwd, both = timings(variant, segments, args.batch, T)
+                print(f"BT={BT:>2} BD={BD:>4} warps {fw}/{bw} segments {segments:>5} "
+                      f"err {error:.1e} T={T:>6} fwd {fwd:8.3f} ms fwd+bwd {both:8.3f} ms",
+                      flush=True)  # fmt: skip
+                lines.append(
+                    f"| {BT} | {BD} | {fw}/{bw} | {segments} | {error:.1e} | {T} | {fwd:.3f} "
+                    f"| {both:.3f} |"
+                )
+    print(f"wrote {write_result(f'{args.name}-{slug(device)}.md', lines)}")
 
 
 if __name__ == "__main__":
