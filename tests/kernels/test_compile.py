@@ -20,6 +20,7 @@ from memzoo.kernels import (
     note_attention,
     select_notes,
     selective_scan,
+    selective_state_update,
     ssd,
 )
 from memzoo.kernels.testing import assert_close, randn
@@ -82,6 +83,21 @@ def case(name):
             )[0],
             leaves,
         )
+    if name == "selective_state_update":  # a decode step: inference only, no gradients
+        Dm, N = 6, 4
+        leaves = [randn(B, Dm, seed=0), randn(B, Dm, seed=1), randn(B, Dm, seed=2)]
+        A, Bm, Cm = (
+            -randn(Dm, N, seed=3).abs() - 0.1,
+            randn(B, 1, N, seed=4),
+            randn(B, 1, N, seed=5),
+        )
+        state = randn(B, Dm, N, seed=6)
+        return (
+            lambda u, dt, z, *, backend: selective_state_update(
+                u, dt, A, Bm, Cm, state, z=z, delta_softplus=True, backend=backend
+            )[0],
+            leaves,
+        )
     if name == "note_attention":
         q, notes = leaf(B, T, 1, D, seed=0), leaf(B, T, 1, D, seed=1)
         counts = select_notes(randn(B, T, seed=2).sigmoid(), 0.5).counts
@@ -102,6 +118,7 @@ OPS = [
     "ssd",
     "causal_conv1d",
     "causal_conv1d_update",
+    "selective_state_update",
     "note_attention",
 ]
 # ssd runs through linear_attn's kernels: it has no Triton entry point of its own to ask for.
@@ -130,7 +147,9 @@ def test_compiled_op_matches_eager(name, backend):
 
 
 # The torch paths that trace whole: their checks are async asserts under compile, not host reads.
-@pytest.mark.parametrize("name", ["attention", "causal_conv1d", "note_attention"])
+@pytest.mark.parametrize(
+    "name", ["attention", "causal_conv1d", "selective_state_update", "note_attention"]
+)
 def test_torch_paths_compile_without_graph_breaks(name):
     fn, leaves = case(name)
     torch._dynamo.reset()

@@ -467,15 +467,17 @@ def test_public_function_is_the_chunked_path_on_cpu():
 def test_registered_backends():
     ops = {op.name: op.backends for op in registered_ops()}
     assert ops["selective_scan"] == ("torch", "triton")
-    assert ops["selective_state_update"] == ("torch",)
+    assert ops["selective_state_update"] == ("torch", "triton")
 
 
-def test_state_update_has_no_triton_backend():
+def test_state_update_refuses_an_unavailable_backend():
     inputs, flags = make_inputs(1, 1, 4, 2, 1, seed=16)
     args = [inputs[k][:, 0] for k in ("u", "delta")] + [inputs["A"]]
     args += [inputs[k][:, 0] for k in ("B", "C")] + [inputs["initial_state"]]
-    with pytest.raises(BackendUnavailableError, match="torch implementation"):
-        selective_state_update(*args, backend="triton")
+    with pytest.raises(BackendUnavailableError, match="float64"):
+        selective_state_update(*args, backend="triton")  # fp64 inputs
+    with pytest.raises(ValueError, match="backend must be one of"):
+        selective_state_update(*args, backend="fast")
 
 
 def _call(**changes):

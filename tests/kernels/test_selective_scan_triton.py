@@ -5,8 +5,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from memzoo.kernels.selective_scan import selective_scan
-from memzoo.kernels.selective_scan.reference import selective_scan_recurrent_ref
+from memzoo.kernels.selective_scan import selective_scan, selective_state_update
+from memzoo.kernels.selective_scan.reference import (
+    selective_scan_recurrent_ref,
+    selective_state_update_ref,
+)
 from memzoo.kernels.testing import TEST_DEVICE, assert_close, cu_seqlens_from_lengths, randn
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
@@ -200,6 +203,92 @@ def test_segment_length_rule(monkeypatch, scan_triton):
     assert rule(192, 8, 2 * 300, 2, gpu, 8) is None  # too short to cut
     assert rule(8, 8, 4096, 1, gpu, 8) == scan_triton.MIN_SEGMENT
     assert rule(8, 8, 4096, 1, SimpleNamespace(type="cpu", index=None), 8) is None
+
+
+# ---- decode step ----------------------------------------------------------------------------
+
+
+def step_inputs(batch, Dm, N, G, *, seed, options=True):
+    """One token's inputs (fp64) by name, the state under "state"."""
+    inputs = make_inputs(batch, 1, Dm, N, G, seed=seed, options=options)
+    step = {n: t[:, 0] if n in ("u", "delta", "B", "C", "z") else t for n, t in inputs.items()}
+    step["state"] = step.pop("initial_state")
+    return step
+
+
+def run_step(step, dtype, *, softplus, backend):
+    cast = {n: t.float() if n in ("A", "state") else t.to(dtype) for n, t in step.items()}
+    if backend == "reference":
+        cast = {n: t.double() for n, t in cast.items()}
+        return selective_state_update_ref(**cast, delta_softplus=softplus)
+    return selective_state_update(**cast, delta_softplus=softplus, backend=backend)
+
+
+@pytest.mark.parametrize(
+    "Dm,N,G,options,softplus",
+    [(20, 4, 2, True, True), (20, 16, 1, False, False), (12, 16, 2, True, False),
+     (40, 5, 1, True, True)],
+    ids=["Dm20-N4-G2-opts-softplus", "Dm20-N16-G1-plain", "Dm12-N16-G2-opts",
+         "Dm40-N5-G1-opts-softplus"],
+)  # fmt: skip
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_state_update_matches_reference(Dm, N, G, options, softplus, dtype):
+    step = step_inputs(3, Dm, N, G, seed=Dm + N, options=options)
+    if not softplus:
+        step["delta"] = step["delta"].abs()
+        if "delta_bias" in step:
+            step["delta_bias"] = step["delta_bias"].abs()
+    y, state = run_step(step, dtype, softplus=softplus, backend="triton")
+    y_ref, state_ref = run_step(step, dtype, softplus=softplus, backend="reference")
+    assert y.dtype == dtype and state.dtype == torch.float32 and state.shape == (3, Dm, N)
+    ratio = 1e-5 if dtype == torch.float32 else 2e-3
+    assert_close("y", y_ref, y, ratio)
+    assert_close("state", state_ref, state, 1e-5)
+
+
+def test_state_update_softplus_over_its_whole_range():
+    """delta + bias from -40 (softplus ~ 4e-18) through the threshold at 20 to 60."""
+    step = step_inputs(1, 64, 4, 1, seed=3)
+    step["delta"] = torch.linspace(-40, 60, 64, dtype=torch.float64)[None]
+    step["delta_bias"] = torch.zeros_like(step["delta_bias"])
+    step["A"] = step["A"] * 1e-3  # large steps must not wipe the state out entirely
+    y, state = run_step(step, torch.float32, softplus=True, backend="triton")
+    y_ref, state_ref = run_step(step, torch.float32, softplus=True, backend="reference")
+    assert_close("y", y_ref, y, 1e-5)
+    assert_close("state", state_ref, state, 1e-5)
+
+
+def test_triton_prefill_then_decode_equals_full_scan():
+    inputs = {n: t.float() for n, t in make_inputs(2, 21, 20, 4, 2, seed=11).items()}
+    per_token = ("u", "delta", "z", "B", "C")
+    flags = {"delta_softplus": True, "backend": "triton"}
+    shared = {n: inputs[n] for n in ("A", "D", "delta_bias")}
+    y_full, final_full = selective_scan(
+        **{n: inputs[n] for n in (*per_token, *shared)}, initial_state=inputs["initial_state"],
+        output_final_state=True, **flags,
+    )  # fmt: skip
+    head = {n: inputs[n][:, :9] for n in per_token}
+    y_head, state = selective_scan(
+        **head, **shared, initial_state=inputs["initial_state"], output_final_state=True,
+        **flags,
+    )  # fmt: skip
+    ys = [y_head]
+    for t in range(9, 21):
+        y_t, state = selective_state_update(
+            *(inputs[n][:, t] for n in ("u", "delta")), inputs["A"],
+            *(inputs[n][:, t] for n in ("B", "C")), state, z=inputs["z"][:, t],
+            D=inputs["D"], delta_bias=inputs["delta_bias"], **flags,
+        )  # fmt: skip
+        ys.append(y_t[:, None])
+    assert_close("y", y_full, torch.cat(ys, dim=1), 1e-5)
+    assert_close("final", final_full, state, 1e-5)
+
+
+def test_state_update_of_no_sequences():
+    step = {n: t.float()[:0] if t.dim() > 1 and n != "A" else t.float()
+            for n, t in step_inputs(2, 8, 4, 1, seed=5).items()}  # fmt: skip
+    y, state = selective_state_update(**step, backend="triton")
+    assert y.shape == (0, 8) and state.shape == (0, 8, 4)
 
 
 @pytest.mark.gpu

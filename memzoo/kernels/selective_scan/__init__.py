@@ -12,10 +12,7 @@ from __future__ import annotations
 import torch
 
 from memzoo.kernels._core import (
-    BACKENDS,
-    BackendUnavailableError,
     InputCheck,
-    check_choice,
     eager_under_compile,
     register_op,
     resolve_backend,
@@ -148,7 +145,7 @@ def selective_scan(
     )
 
 
-@register_op("torch")
+@register_op("torch", "triton")
 def selective_state_update(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -172,12 +169,12 @@ def selective_state_update(
         state: `[B, Dm, N]` the state so far (e.g. a prefill's final state).
         D, delta_bias: `[Dm]` or None; z: `[B, Dm]` or None; delta_softplus: as in
             `selective_scan`.
-        backend: "auto" or "torch" (one token is a handful of elementwise ops; there is no
-            kernel of its own).
+        backend: "auto", "torch" or "triton" (one kernel for the whole step, bias and
+            softplus, D skip and z gate included; "auto" takes it for CUDA tensors).
 
     Returns:
         y `[B, Dm]` in u's dtype and the new state `[B, Dm, N]` in fp32 (fp64 for fp64
-        inputs; a new tensor: `state` is not modified).
+        inputs on the torch path; a new tensor: `state` is not modified).
     """
     check = InputCheck("selective_state_update")
     u = check.tensor("u", u, "B D")
@@ -191,13 +188,16 @@ def selective_state_update(
     z = check.optional("z", z, "B D")
     delta_bias = check.optional("delta_bias", delta_bias, "D")
 
-    check_choice(check.op, "backend", backend, BACKENDS)
-    if backend not in ("auto", "torch"):
-        raise BackendUnavailableError(
-            f"selective_state_update: backend={backend!r} is unavailable: the op has only a "
-            "torch implementation; use backend='auto' or 'torch'"
+    backend = resolve_backend("selective_state_update", backend, u.device, u.dtype)
+    if backend == "triton":
+        from memzoo.kernels.selective_scan.state_update_triton import (
+            selective_state_update_triton,
         )
-    return selective_state_update_ref(
+
+        run = selective_state_update_triton
+    else:
+        run = selective_state_update_ref
+    return run(
         u,
         delta,
         A,
