@@ -6,7 +6,8 @@
 #      device-side asserts in subprocesses). Each test's outcome is logged as it finishes, so a
 #      run cut off by its time limit still says which tests passed and failed;
 #   2. GPU benchmarks: LM presets' training throughput, linear attention (vs SDPA and fla),
-#      the state-space scans, and the selective scan with and without segments (B=1).
+#      the state-space scans, the selective scan with and without segments (B=1), and the
+#      decode steps of Mamba-1 and Mamba-2 (vs mamba-ssm's, if importable).
 #      benchmarks/attention_gpu.py, the other launch shapes of
 #      benchmarks/selective_scan_launch_gpu.py and a short `memzoo train --config
 #      configs/hydra-tiny.yaml` run are the other GPU checks.
@@ -49,7 +50,7 @@ grep -oE "(PASSED|FAILED|ERROR) tests/\S+" "$OUT/kernel-tests.log" | sort -u | a
 grep -oE "(FAILED|ERROR) tests/\S+" "$OUT/kernel-tests.log" | sort -u | head -40
 
 {
-    step 110 presets.log python3 benchmarks/lm_presets.py --device cuda --batch 8 --seq-len 1024 \
+    step 100 presets.log python3 benchmarks/lm_presets.py --device cuda --batch 8 --seq-len 1024 \
         --steps 3 --presets jrt based transformer hydra memmamba mom mamba mamba2 \
         --train-sizes tiny 125m
     step 90 linear.log python3 benchmarks/linear_attn_gpu.py --repeats 10
@@ -58,9 +59,10 @@ grep -oE "(FAILED|ERROR) tests/\S+" "$OUT/kernel-tests.log" | sort -u | head -40
     step 60 segments.log python3 benchmarks/selective_scan_launch_gpu.py --batch 1 \
         --lengths 2048 16384 --variants shipped --segments rule whole \
         --name selective_scan_segments-b1
+    step 40 decode.log python3 benchmarks/decode_step_gpu.py --batches 1 64
 } >"$OUT/benchmarks.log" 2>&1
 cat "$OUT/benchmarks.log"
-for log in presets linear scans segments; do
+for log in presets linear scans segments decode; do
     cat "$OUT/$log.log" >>"$OUT/all-benchmarks.log" 2>/dev/null && rm -f "$OUT/$log.log"
 done
 tar czf "$OUT/results.tgz" benchmarks/results
