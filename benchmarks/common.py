@@ -44,6 +44,27 @@ def package_without_init(name: str) -> bool:
     return True
 
 
+def from_mamba_ssm(module: str, name: str):
+    """`name` from mamba-ssm's `module`, or None (saying why) where it cannot be imported.
+
+    mamba-ssm's package __init__ imports all of its modules, the selective scan's CUDA extension
+    (`selective_scan_cuda`, which only a built install has) among them. From a source tree on
+    PYTHONPATH, with or without a separately built `selective_scan_cuda` beside it, the wanted
+    module is loaded under a bare package object that skips that __init__.
+    """
+    try:
+        return getattr(importlib.import_module(module), name)
+    except Exception:  # an optional baseline: any failure of its package __init__ is skipped
+        if not package_without_init("mamba_ssm"):
+            return None
+    try:
+        return getattr(importlib.import_module(module), name)
+    except Exception as error:
+        sys.modules.pop("mamba_ssm", None)
+        print(f"mamba-ssm's {module}.{name} is unavailable: {type(error).__name__}: {error}")
+        return None
+
+
 def cuda_time_or_refusal(fn, repeats: int) -> float | str:
     """cuda_time_ms(fn), or the first line of the RuntimeError a baseline raises to refuse the
     work (fla refuses some backward kernels on some Triton versions): a table cell either way."""

@@ -14,10 +14,9 @@ benchmarks/results/decode_step-<gpu>.md.
 from __future__ import annotations
 
 import argparse
-import sys
 
 import torch
-from common import package_without_init, slug, write_result
+from common import from_mamba_ssm, slug, write_result
 
 from memzoo.kernels import selective_state_update, ssd_step
 
@@ -49,22 +48,6 @@ def _mamba2_inputs(batch, H=24, P=64, N=128):
     }
 
 
-def _mamba_ssm_state_update():
-    """mamba-ssm's Triton selective_state_update, or None where mamba-ssm is not importable
-    (its package __init__ needs the built CUDA extension; its Triton modules do not)."""
-    try:
-        from mamba_ssm.ops.triton.selective_state_update import selective_state_update
-    except ImportError:
-        if not package_without_init("mamba_ssm"):
-            return None
-        try:
-            from mamba_ssm.ops.triton.selective_state_update import selective_state_update
-        except ImportError:
-            del sys.modules["mamba_ssm"]
-            return None
-    return selective_state_update
-
-
 def _implementations() -> dict:
     """name -> (make inputs, step(inputs))."""
 
@@ -89,7 +72,7 @@ def _implementations() -> dict:
         "memzoo ssd_step, torch": (_mamba2_inputs, memzoo_mamba2("torch")),
         "memzoo ssd_step, triton": (_mamba2_inputs, memzoo_mamba2("triton")),
     }
-    theirs = _mamba_ssm_state_update()
+    theirs = from_mamba_ssm("mamba_ssm.ops.triton.selective_state_update", "selective_state_update")
     if theirs is not None:
 
         def mamba_ssm_step(t):  # updates t["state"] in place

@@ -4,8 +4,9 @@ Forward and forward+backward, bf16, T in {2k, 4k, 8k, 16k}: memzoo's Triton sele
 (Dm=1536, N=16) against mamba-ssm's selective_scan_fn, and memzoo's ssd (H=24, P=64, N=64)
 against mamba-ssm's mamba_chunk_scan_combined, flash-linear-attention's chunk_simple_gla (the
 same scalar-decay recurrence) and memzoo's own linear_attn at the same shape; mamba-ssm and fla
-rows appear when they are installed (mamba-ssm's SSD also from an unbuilt source tree on
-PYTHONPATH: it is Triton code). Writes benchmarks/results/scans-<gpu>.md.
+rows appear when they are installed (or from a source tree on PYTHONPATH: its SSD is Triton
+code, and its selective scan needs only `selective_scan_cuda` built beside it). Writes
+benchmarks/results/scans-<gpu>.md.
 
     python benchmarks/scans_gpu.py [--batch 2] [--lengths 2048 4096 8192 16384]
 """
@@ -13,15 +14,14 @@ PYTHONPATH: it is Triton code). Writes benchmarks/results/scans-<gpu>.md.
 from __future__ import annotations
 
 import argparse
-import sys
 
 import torch
 import torch.nn.functional as F
 from common import (
     cuda_time_ms,
     cuda_time_or_refusal,
+    from_mamba_ssm,
     ms_cell,
-    package_without_init,
     slug,
     write_result,
 )
@@ -51,27 +51,6 @@ def _ssd_inputs(batch, T, H=24, P=64, N=64):
         "B": torch.randn(batch, T, 1, N, dtype=torch.bfloat16, **cuda),
         "C": torch.randn(batch, T, 1, N, dtype=torch.bfloat16, **cuda),
     }
-
-
-def _mamba_ssm_triton_ssd():
-    """mamba-ssm's mamba_chunk_scan_combined, or None where mamba-ssm is not importable.
-
-    Its SSD is Triton code, but the package's __init__ imports the CUDA selective scan
-    (`selective_scan_cuda`), which only a built install has. From a source tree (on PYTHONPATH,
-    not built) the Triton modules are loaded under a bare package object that skips that
-    __init__.
-    """
-    try:
-        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
-    except ImportError:
-        if not package_without_init("mamba_ssm"):
-            return None
-        try:
-            from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
-        except ImportError:
-            del sys.modules["mamba_ssm"]
-            return None
-    return mamba_chunk_scan_combined
 
 
 def _implementations() -> dict:
@@ -109,8 +88,10 @@ def _implementations() -> dict:
         impls["fla chunk_simple_gla (SSD shape)"] = (_ssd_inputs, fla_simple_gla)
     except ImportError:
         pass
-    try:
-        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    selective_scan_fn = from_mamba_ssm(
+        "mamba_ssm.ops.selective_scan_interface", "selective_scan_fn"
+    )
+    if selective_scan_fn is not None:
 
         def mamba_scan(t):  # mamba-ssm is channel-major: [B, D, L] and [B, G, N, L]
             return selective_scan_fn(
@@ -120,9 +101,9 @@ def _implementations() -> dict:
             )  # fmt: skip
 
         impls["mamba-ssm selective_scan_fn"] = (_selective_scan_inputs, mamba_scan)
-    except ImportError:
-        pass
-    mamba_chunk_scan_combined = _mamba_ssm_triton_ssd()
+    mamba_chunk_scan_combined = from_mamba_ssm(
+        "mamba_ssm.ops.triton.ssd_combined", "mamba_chunk_scan_combined"
+    )
     if mamba_chunk_scan_combined is not None:
 
         def mamba_ssd(t):
