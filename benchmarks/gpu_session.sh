@@ -14,8 +14,9 @@
 # Logs and result tables go to $OUT (default /tmp/memzoo-gpu). Optional wheels in .whl/
 # (e.g. flash-linear-attention for its baseline rows) are installed to /tmp/site first; fla's
 # kernels autotune for over a minute per script on a fresh machine, so leave them out of a
-# short lease. Python source trees in .whl/src (e.g. mamba-ssm's unbuilt sources, whose SSD is
-# Triton code) go on PYTHONPATH.
+# short lease. Python source trees and extension modules in .whl/src (e.g. mamba-ssm's sources,
+# whose SSD is Triton code, and its selective_scan_cuda built for the GPU machine's torch and
+# Python) go on PYTHONPATH.
 #
 #     bash benchmarks/gpu_session.sh
 set -u
