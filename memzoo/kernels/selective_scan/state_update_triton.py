@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from memzoo.kernels._core import AotSpec, aot_signature, register_aot
-from memzoo.kernels.selective_scan.triton import _channels
+from memzoo.kernels.selective_scan.triton import _block
 
 STEP_WARPS = 4
 
@@ -44,12 +44,8 @@ def _state_update_kernel(
     BD: tl.constexpr, BN: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
 ):  # fmt: skip
-    i_g, i_b, o_d, m_d = _channels(Dm, G, BD)
+    i_g, i_b, o_d, m_d, o_s, m_s, m_ds, block, A = _block(A_ptr, Dm, G, NS, BD, BN)
     i_n = tl.cast(tl.program_id(1), tl.int64)
-    o_s = tl.arange(0, BN)
-    m_s = o_s < NS
-    m_ds = m_d[:, None] & m_s[None, :]
-    block = o_d[:, None] * NS + o_s[None, :]
 
     u = tl.load(u_ptr + i_n * Dm + o_d, mask=m_d, other=0.0).to(tl.float32)
     delta = tl.load(delta_ptr + i_n * Dm + o_d, mask=m_d, other=0.0).to(tl.float32)
@@ -57,7 +53,6 @@ def _state_update_kernel(
         delta += tl.load(bias_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)
     if SOFTPLUS:
         delta = _softplus(delta)
-    A = tl.load(A_ptr + block, mask=m_ds, other=0.0).to(tl.float32)
     group = (i_n * G + i_g) * NS + o_s
     Bn = tl.load(B_ptr + group, mask=m_s, other=0.0).to(tl.float32)
     Cn = tl.load(C_ptr + group, mask=m_s, other=0.0).to(tl.float32)

@@ -77,6 +77,20 @@ def _channels(Dm, G, BD: tl.constexpr):
 
 
 @triton.jit
+def _block(A_ptr, Dm, G, NS, BD: tl.constexpr, BN: tl.constexpr):
+    """This program's block of (channel, state) pairs: (group, block index, channels [BD] and
+    their mask, states [BN] and their mask, the [BD, BN] mask and offsets of the pairs, and A
+    there in fp32)."""
+    i_g, i_b, o_d, m_d = _channels(Dm, G, BD)
+    o_s = tl.arange(0, BN)
+    m_s = o_s < NS
+    m_ds = m_d[:, None] & m_s[None, :]
+    block = o_d[:, None] * NS + o_s[None, :]
+    A = tl.load(A_ptr + block, mask=m_ds, other=0.0).to(tl.float32)
+    return i_g, i_b, o_d, m_d, o_s, m_s, m_ds, block, A
+
+
+@triton.jit
 def _chunk_inputs(
     u_ptr, delta_ptr, B_ptr, C_ptr, A, rows, m_t, o_d, m_d, o_s, m_s, i_g, Dm, G, NS,
 ):  # fmt: skip
@@ -154,15 +168,10 @@ def _fwd_segment_kernel(
     Dm, G, NS, SEG,
     BT: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
 ):  # fmt: skip
-    i_g, i_b, o_d, m_d = _channels(Dm, G, BD)
+    i_g, i_b, o_d, m_d, o_s, m_s, m_ds, block, A = _block(A_ptr, Dm, G, NS, BD, BN)
     slot, seq, start, stop, tile0 = _span(
         cu_ptr, tile_first_ptr, seg_seq_ptr, seg_idx_ptr, SEG, BT, True
     )
-    o_s = tl.arange(0, BN)
-    m_s = o_s < NS
-    m_ds = m_d[:, None] & m_s[None, :]
-    block = o_d[:, None] * NS + o_s[None, :]
-    A = tl.load(A_ptr + block, mask=m_ds, other=0.0).to(tl.float32)
     last = (tl.arange(0, BT) == BT - 1)[:, None, None]
     h = tl.zeros([BD, BN], dtype=tl.float32)
     dsum = tl.zeros([BD], dtype=tl.float32)
@@ -223,15 +232,10 @@ def _fwd_kernel(
     HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr, STORE_TILES: tl.constexpr,
     SEGMENTED: tl.constexpr,
 ):  # fmt: skip
-    i_g, i_b, o_d, m_d = _channels(Dm, G, BD)
+    i_g, i_b, o_d, m_d, o_s, m_s, m_ds, block, A = _block(A_ptr, Dm, G, NS, BD, BN)
     slot, seq, start, stop, tile0 = _span(
         cu_ptr, tile_first_ptr, seg_seq_ptr, seg_idx_ptr, SEG, BT, SEGMENTED
     )
-    o_s = tl.arange(0, BN)
-    m_s = o_s < NS
-    m_ds = m_d[:, None] & m_s[None, :]
-    block = o_d[:, None] * NS + o_s[None, :]
-    A = tl.load(A_ptr + block, mask=m_ds, other=0.0).to(tl.float32)
     last = (tl.arange(0, BT) == BT - 1)[:, None, None]
 
     h = tl.zeros([BD, BN], dtype=tl.float32)
@@ -265,15 +269,10 @@ def _bwd_segment_kernel(
     Dm, G, NS, SEG,
     BT: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
 ):  # fmt: skip
-    i_g, i_b, o_d, m_d = _channels(Dm, G, BD)
+    i_g, i_b, o_d, m_d, o_s, m_s, m_ds, block, A = _block(A_ptr, Dm, G, NS, BD, BN)
     slot, seq, start, stop, tile0 = _span(
         cu_ptr, tile_first_ptr, seg_seq_ptr, seg_idx_ptr, SEG, BT, True
     )
-    o_s = tl.arange(0, BN)
-    m_s = o_s < NS
-    m_ds = m_d[:, None] & m_s[None, :]
-    block = o_d[:, None] * NS + o_s[None, :]
-    A = tl.load(A_ptr + block, mask=m_ds, other=0.0).to(tl.float32)
     o_t = tl.arange(0, BT)
     carry = tl.zeros([BD, BN], dtype=tl.float32)
     dsum = tl.zeros([BD], dtype=tl.float32)
@@ -305,15 +304,10 @@ def _bwd_kernel(
     BT: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
     HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, SEGMENTED: tl.constexpr,
 ):  # fmt: skip
-    i_g, i_b, o_d, m_d = _channels(Dm, G, BD)
+    i_g, i_b, o_d, m_d, o_s, m_s, m_ds, block, A = _block(A_ptr, Dm, G, NS, BD, BN)
     slot, seq, start, stop, tile0 = _span(
         cu_ptr, tile_first_ptr, seg_seq_ptr, seg_idx_ptr, SEG, BT, SEGMENTED
     )
-    o_s = tl.arange(0, BN)
-    m_s = o_s < NS
-    m_ds = m_d[:, None] & m_s[None, :]
-    block = o_d[:, None] * NS + o_s[None, :]
-    A = tl.load(A_ptr + block, mask=m_ds, other=0.0).to(tl.float32)
     o_t = tl.arange(0, BT)
 
     # `carry` is the gradient flowing into the tile's last row from after it.
