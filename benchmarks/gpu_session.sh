@@ -3,8 +3,9 @@
 # a fresh machine, most of it compiling kernels):
 #   1. the Triton kernel tests compiled on the GPU (MEMZOO_TEST_DEVICE=cuda; the bad-value
 #      cases marked `device_assert` are left out there, and test_device_asserts.py checks the
-#      device-side asserts in subprocesses). Each test's outcome is logged as it finishes, so a
-#      run cut off by its time limit still says which tests passed and failed;
+#      device-side asserts in subprocesses), and the Mamba mixers against their CPU path. Each
+#      test's outcome is logged as it finishes, so a run cut off by its time limit still says
+#      which tests passed and failed;
 #   2. GPU benchmarks: LM presets' training throughput, linear attention (vs SDPA and fla),
 #      the state-space scans, the selective scan with and without segments (B=1), and the
 #      decode steps of Mamba-1 and Mamba-2 (vs mamba-ssm's, if importable).
@@ -43,8 +44,9 @@ step() {  # step SECONDS LOG COMMAND...: run with a time limit, keep the log, re
     tail -n 15 "$OUT/$log"
 }
 
-kernel_tests=(tests/kernels --ignore=tests/kernels/test_aot.py -v -p no:randomly --timeout 120
-    -n 12 --max-worker-restart 50)
+kernel_tests=(tests/kernels --ignore=tests/kernels/test_aot.py
+    tests/models/test_mamba_mixers.py::test_gpu_mixer_matches_the_cpu_path
+    -v -p no:randomly --timeout 120 -n 12 --max-worker-restart 50)
 step 240 kernel-tests.log env MEMZOO_TEST_DEVICE=cuda python3 -m pytest "${kernel_tests[@]}"
 echo "== kernel tests, outcomes logged:"
 grep -oE "(PASSED|FAILED|ERROR) tests/\S+" "$OUT/kernel-tests.log" | sort -u | awk '{print $1}' | uniq -c

@@ -3,6 +3,7 @@ and equality with a token-by-token fp64 recurrence written here from the layers'
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -331,3 +332,38 @@ def test_bad_input_raises(name):
     layer = build_mixer(name, D_MODEL, d_state=4, **({"headdim": 16} if name == "mamba2" else {}))
     with pytest.raises(ValueError, match="d_model=32"):
         layer(torch.randn(2, 5, 16))
+
+
+# ---------------------------------------------------------------------------------------------
+# On a GPU: the Triton kernels inside the mixers
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name,options,_", CONFIGS[::2], ids=CONFIG_IDS[::2])
+def test_gpu_mixer_matches_the_cpu_path(name, options, _):
+    """One long sequence on CUDA takes the Triton kernels (Mamba's selective scan cut into
+    segments, forward and backward, and its one-kernel decode step; Mamba-2's linear-attention
+    kernels): prefill, decode and every parameter's gradient match the CPU torch path in fp32."""
+    # Explicit default devices: the kernel tests, in the same process, make it CUDA.
+    with torch.device("cpu"):
+        base = build(name, options, seed=10)
+    x = randn(1, 1100, D_MODEL, seed=11, dtype=torch.float32, device="cpu")
+    outs = {}
+    for where in ("cpu", "cuda"):
+        layer = copy.deepcopy(base).to(where)
+        with torch.device(where):
+            inputs = x.to(where)
+            y = layer(inputs)
+            (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+            with torch.no_grad():
+                cache = layer.init_cache(1, dtype=torch.float32)
+                prefill = layer(inputs[:, :1000], cache=cache)
+                steps = [layer(inputs[:, t : t + 1], cache=cache) for t in range(1000, 1100)]
+        grads = {n: p.grad for n, p in layer.named_parameters()}
+        outs[where] = (y.detach(), torch.cat([prefill, *steps], dim=1), grads)
+    (y_cpu, decoded_cpu, grads_cpu), (y_gpu, decoded_gpu, grads_gpu) = outs["cpu"], outs["cuda"]
+    assert_close("forward", y_cpu, y_gpu.cpu(), 1e-4)
+    assert_close("prefill + decode", y_cpu, decoded_gpu.cpu(), 1e-4)
+    assert_close("prefill + decode (cpu)", y_cpu, decoded_cpu, 1e-5)
+    for n, g in grads_cpu.items():
+        assert_close(f"d{n}", g, grads_gpu[n].cpu(), 1e-4)
