@@ -22,6 +22,7 @@ from memzoo.kernels import (
     selective_scan,
     selective_state_update,
     ssd,
+    ssd_step,
 )
 from memzoo.kernels.testing import assert_close, randn
 
@@ -98,6 +99,14 @@ def case(name):
             )[0],
             leaves,
         )
+    if name == "ssd_step":  # a decode step: inference only, no gradients
+        leaves = [randn(B, H, D, seed=0), randn(B, H, seed=1), randn(B, H, D, seed=2)]
+        A, Bm, Cm = -randn(H, seed=3).abs() - 0.1, randn(B, 1, 4, seed=4), randn(B, 1, 4, seed=5)
+        state = randn(B, H, D, 4, seed=6)
+        return (
+            lambda x, dt, z, *, backend: ssd_step(x, dt, A, Bm, Cm, state, z=z, backend=backend)[0],
+            leaves,
+        )
     if name == "note_attention":
         q, notes = leaf(B, T, 1, D, seed=0), leaf(B, T, 1, D, seed=1)
         counts = select_notes(randn(B, T, seed=2).sigmoid(), 0.5).counts
@@ -119,6 +128,7 @@ OPS = [
     "causal_conv1d",
     "causal_conv1d_update",
     "selective_state_update",
+    "ssd_step",
     "note_attention",
 ]
 # ssd runs through linear_attn's kernels: it has no Triton entry point of its own to ask for.

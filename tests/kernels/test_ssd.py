@@ -285,3 +285,37 @@ def test_step_bad_input_raises_clear_error(kwargs, match):
     }  # fmt: skip
     with pytest.raises(ValueError, match=match):
         ssd_step(*[args.pop(name) for name in ("x", "dt", "A", "B", "C", "state")], **args)
+
+
+@pytest.mark.parametrize(
+    "H,G,P,N,options,softplus,dtype",
+    [(4, 2, 8, 6, "head-D", True, torch.float32), (3, 1, 5, 7, "channel-D", True, torch.float32),
+     (2, 2, 16, 4, "none", False, torch.float32), (4, 1, 8, 16, "head-D", True, torch.float16)],
+    ids=["H4-G2-P8-N6-fp32", "H3-G1-P5-N7-D[H,P]-fp32", "H2-G2-P16-N4-plain-fp32",
+         "H4-G1-P8-N16-fp16"],
+)  # fmt: skip
+def test_triton_step_equals_torch_step(H, G, P, N, options, softplus, dtype):
+    """The one-kernel Triton step against the torch step (linear_attn_step + elementwise) in
+    fp64: y and the new state, for a state given in mamba-ssm's contiguous `[B, H, P, N]`
+    layout and for the transposed view that a step returns."""
+    extras = options != "none"
+    inputs = make_inputs(3, 1, H, G, P, N, seed=H + P, z=extras, D=extras, dt_bias=extras)
+    if options == "channel-D":
+        inputs["D"] = randn(H, P, seed=3)
+    if not softplus:
+        inputs["dt"] = inputs["dt"].abs()
+    per_token = ("x", "dt", "B", "C", "z")
+    step = {n: t[:, 0] if n in per_token else t for n, t in inputs.items() if t is not None}
+    state = step.pop("initial_state")
+    y_ref, state_ref = ssd_step(**step, state=state, dt_softplus=softplus, backend="torch")
+
+    # Activations in `dtype`; parameters, time steps and the state in fp32.
+    cast = {n: t.to(dtype) if n in ("x", "B", "C", "z") else t.float() for n, t in step.items()}
+    kernel_layout = state.float().transpose(-1, -2).contiguous().transpose(-1, -2)
+    ratio = 1e-5 if dtype == torch.float32 else 2e-3
+    for layout, given in (("contiguous", state.float()), ("view", kernel_layout)):
+        y, new_state = ssd_step(**cast, state=given, dt_softplus=softplus, backend="triton")
+        assert y.dtype == dtype and new_state.dtype == torch.float32
+        assert new_state.shape == (3, H, P, N)
+        assert_close(f"y ({layout})", y_ref, y, ratio)
+        assert_close(f"state ({layout})", state_ref, new_state, ratio)

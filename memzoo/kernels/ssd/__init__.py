@@ -6,7 +6,8 @@ Per sequence and head h, with A_h < 0 one scalar per head and dt_t > 0:
 This is `linear_attn` with q = C, k = B, v = x * dt, g = dt * A, scale 1: the linear-attention
 state `[K=N, V=P]` is h transposed. B and C are shared by the H / G heads of a group.
 The recurrence runs in the `linear_attn` kernels (torch chunked path or Triton); the dt
-preprocessing, the D skip and the z gate are elementwise torch around them.
+preprocessing, the D skip and the z gate are elementwise torch around them. The decode step
+`ssd_step` has a Triton kernel of its own that does all of it in one launch (`step_triton.py`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from memzoo.kernels._core import InputCheck, register_op
+from memzoo.kernels._core import InputCheck, register_op, resolve_backend
 from memzoo.kernels.linear_attn import linear_attn, linear_attn_step
 
 __all__ = ["ssd", "ssd_step"]
@@ -224,7 +225,7 @@ def ssd_step(
     dt_softplus: bool = True,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One decode step of `ssd`, through `linear_attn_step`.
+    """One decode step of `ssd`: one Triton kernel, or `linear_attn_step` and elementwise torch.
 
     Args:
         x: `[B, H, P]`; dt: `[B, H]`; A: `[H]` (< 0); B, C: `[B, G, N]`;
@@ -247,6 +248,15 @@ def ssd_step(
     state = _check_state(check, "state", state, "B H P N")
 
     H, dtype = check.sizes["H"], _compute_dtype(x)
+    if resolve_backend("ssd_step", backend, x.device, x.dtype) == "triton":
+        from memzoo.kernels.ssd.step_triton import ssd_step_triton
+
+        if not dt_softplus:
+            _time_steps(check, dt, dt_bias, dt_softplus, dtype)  # dt + dt_bias >= 0
+        y, new_state = ssd_step_triton(
+            x, dt, A, B, C, state, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus
+        )
+        return y, new_state.transpose(-1, -2)
     dt = _time_steps(check, dt, dt_bias, dt_softplus, dtype)
     o, new_state = linear_attn_step(
         _per_head(C, H).to(x.dtype),
