@@ -15,7 +15,7 @@ PYTHONPATH; its CUDA extension is never called). It compares, in relative L2 err
   output and each sequence's final state.
 
 mamba-ssm's Triton kernels run on CPU tensors under the Triton interpreter: three shims stand
-in for what they ask of a GPU (`_run_mamba_triton_on_cpu`). Nothing is timed; a minute or two.
+in for what they ask of a GPU (`_run_mamba_triton_on_cpu`). Nothing is timed; about 25 s.
 
     PYTHONPATH=.:path/to/mamba-ssm-sources TRITON_INTERPRET=1 \
         python benchmarks/crosscheck_mamba_ssm.py
@@ -32,6 +32,7 @@ import torch
 from common import package_without_init
 
 from memzoo.kernels._core import interpreter_enabled
+from memzoo.kernels.testing import cu_seqlens_from_lengths, relative_rmse
 
 
 def _import_references():
@@ -70,10 +71,6 @@ def _run_mamba_triton_on_cpu() -> None:
                 value.configs = value.configs[:1]
 
 
-def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
-
-
 def check_selective_scan(selective_scan_ref) -> None:
     from memzoo.kernels import selective_scan
 
@@ -101,7 +98,8 @@ def check_selective_scan(selective_scan_ref) -> None:
         )  # fmt: skip
         print(
             f"selective_scan ({backend}, {str(dtype)[6:]}) vs selective_scan_ref: "
-            f"y {_rel(y, ref.transpose(1, 2)):.1e}, final state {_rel(state, ref_state):.1e}"
+            f"y {relative_rmse(ref.transpose(1, 2), y):.1e}, "
+            f"final state {relative_rmse(ref_state, state):.1e}"
         )
 
 
@@ -128,7 +126,7 @@ def check_state_update(selective_state_update_ref, selective_state_update_triton
             *args, D=D.to(dtype), z=z.to(dtype), delta_bias=bias.to(dtype), delta_softplus=True,
             backend=backend,
         )  # fmt: skip
-        errors = f"y {_rel(y, ref):.1e}, state {_rel(new_state, ref_state):.1e}"
+        errors = f"y {relative_rmse(ref, y):.1e}, state {relative_rmse(ref_state, new_state):.1e}"
         print(
             f"selective_state_update ({backend}, {str(dtype)[6:]}) vs "
             f"selective_state_update_ref: {errors}"
@@ -140,7 +138,7 @@ def check_state_update(selective_state_update_ref, selective_state_update_triton
     )  # fmt: skip
     print(
         "mamba-ssm's Triton selective_state_update (fp32) vs selective_state_update_ref: "
-        f"y {_rel(mamba_y, ref):.1e}, state {_rel(mamba_state, ref_state):.1e}"
+        f"y {relative_rmse(ref, mamba_y):.1e}, state {relative_rmse(ref_state, mamba_state):.1e}"
     )
 
 
@@ -162,8 +160,8 @@ def check_ssd(ssd_minimal_discrete) -> None:
     )
     y, state = ssd(x, dt, A, B, C, dt_softplus=False, output_final_state=True)
     print(
-        f"ssd (fp64) vs ssd_minimal_discrete: y {_rel(y, ref):.1e}, "
-        f"final state {_rel(state, ref_state):.1e}"
+        f"ssd (fp64) vs ssd_minimal_discrete: y {relative_rmse(ref, y):.1e}, "
+        f"final state {relative_rmse(ref_state, state):.1e}"
     )
 
 
@@ -179,7 +177,7 @@ def _values_and_grads(fn, inputs, grad_outputs, dtype):
 
 def _report(title: str, names: list[str], values: list, refs: list) -> None:
     errors = ", ".join(
-        f"{name} {_rel(v, r):.1e}" for name, v, r in zip(names, values, refs, strict=True)
+        f"{name} {relative_rmse(r, v):.1e}" for name, v, r in zip(names, values, refs, strict=True)
     )
     print(f"{title}: {errors}")
 
@@ -235,7 +233,7 @@ def check_chunk_scan_varlen(mamba_chunk_scan_combined) -> None:
 
     lengths = [5, 40, 1, 27]  # boundaries inside chunks of 16 and on one
     T, H, P, G, N = sum(lengths), 2, 8, 1, 16
-    cu_seqlens = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    cu_seqlens = cu_seqlens_from_lengths(lengths, device="cpu")
     # mamba-ssm marks each token with its sequence's index instead.
     seq_idx = torch.arange(len(lengths), dtype=torch.int32).repeat_interleave(torch.tensor(lengths))
     seq_idx = seq_idx[None]
