@@ -14,11 +14,13 @@ from memzoo.kernels.selective_scan.reference import (
     _DenseChunks,
     _foreach_recurrence_,
     _PackedChunks,
+    _stepwise_recurrence_,
     _Workspace,
     selective_scan_chunk_ref,
     selective_scan_recurrent_ref,
 )
 from memzoo.kernels.testing import (
+    TEST_DEVICE,
     assert_close,
     bad_cu_seqlens_values,
     cu_seqlens_from_lengths,
@@ -170,12 +172,14 @@ def test_default_chunk_size_rule():
     assert _default_chunk_size(1024 * 1024 * 16, 4) == 8
 
 
-def test_foreach_recurrence_runs_in_order():
-    """The token loop leans on torch's foreach addcmul visiting its lists in order, each step
-    reading the state the previous one wrote: x_j = a_j x_{j-1} + x_j from x_{-1} = 1."""
+@pytest.mark.parametrize("recurrence", [_foreach_recurrence_, _stepwise_recurrence_])
+def test_foreach_recurrence_runs_in_order(recurrence):
+    """The token loop leans on torch's foreach addcmul visiting its lists in order on CPU (and
+    on one addcmul a step elsewhere), each step reading the state the previous one wrote:
+    x_j = a_j x_{j-1} + x_j from x_{-1} = 1."""
     a = torch.full((5, 3), 2.0, dtype=torch.float64)
     x = torch.ones(5, 3, dtype=torch.float64)
-    _foreach_recurrence_(x.unbind(0), a.unbind(0), torch.ones(3, dtype=torch.float64))
+    recurrence(x.unbind(0), a.unbind(0), torch.ones(3, dtype=torch.float64))
     expected = torch.tensor([3.0, 7.0, 15.0, 31.0, 63.0], dtype=torch.float64)
     assert torch.equal(x[:, 0], expected) and torch.equal(x[:, 2], expected)
 
@@ -233,7 +237,7 @@ def test_token_loop_backward_gradcheck(packed, gated):
     G, P, N = 2, 5, 3
     lengths = [7, 2, 5] if packed else [7, 7]
     if packed:
-        layout, shape = _PackedChunks(lengths, 3, torch.device("cpu")), (1, sum(lengths))
+        layout, shape = _PackedChunks(lengths, 3, TEST_DEVICE), (1, sum(lengths))
     else:
         layout, shape = _DenseChunks(2, 7, 3), (2, 7)
     dt = randn(*shape, G, P, seed=30, dtype=torch.float64).abs() * 0.5
