@@ -5,6 +5,7 @@ import torch
 
 from memzoo.kernels.linear_attn import linear_attn, linear_attn_step
 from memzoo.kernels.linear_attn.reference import linear_attn_quadratic_ref
+from memzoo.kernels.linear_attn.triton import SUFFIX_BLOCK, _reverse_cumsum_per_sequence
 from memzoo.kernels.testing import assert_close, cu_seqlens_from_lengths, randn
 
 RATIO = {torch.float32: 1e-4, torch.float16: 5e-3}
@@ -263,3 +264,15 @@ def test_cuda_bf16_wide_normalised_features_backward():
     ref = run(torch.float64, "torch")
     for name, r, o in zip(("o", "dq", "dk", "dv"), ref, out, strict=True):
         assert_close(name, r, o, 2e-2)
+
+
+def test_reverse_cumsum_per_sequence_across_blocks():
+    """dg's per-sequence suffix sums, summed in blocks of SUFFIX_BLOCK rows then over blocks,
+    equal a plain reverse cumsum of each sequence: sequences that start and end inside a
+    block, span several, are empty, or end on a block's last row."""
+    lengths = [3, 0, 2 * SUFFIX_BLOCK + 5, SUFFIX_BLOCK - 8, 1, SUFFIX_BLOCK]
+    cu = cu_seqlens_from_lengths(lengths)
+    x = randn(sum(lengths), 3, seed=40)
+    pieces = x.double().split(lengths)
+    expected = torch.cat([p.flip(0).cumsum(0).flip(0) for p in pieces]).float()
+    assert_close("dg", expected, _reverse_cumsum_per_sequence(x, cu), ratio=1e-7)

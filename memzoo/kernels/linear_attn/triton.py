@@ -382,10 +382,29 @@ def _forward(q, k, v, g, h0, chunks, scale, output_final, out_dtype):
     return o, ht
 
 
+SUFFIX_BLOCK = 128  # rows a thread sums in the first level of `_suffix_sums`
+
+
+def _suffix_sums(x: torch.Tensor) -> torch.Tensor:
+    """y_t = sum of x_r over r >= t, along dim 0 of x `[R, H]`, in two levels.
+
+    A cumsum along dim 0 of an `[R, H]` tensor runs H threads down R rows (6 ms of a 10 ms SSD
+    forward + backward at R = 32k, H = 24, on an H100). Sums inside blocks of SUFFIX_BLOCK rows,
+    then over the blocks' totals, keep R * H / SUFFIX_BLOCK threads busy instead.
+    """
+    R, H = x.shape
+    n = triton.cdiv(R, SUFFIX_BLOCK)
+    blocks = F.pad(x, (0, 0, 0, n * SUFFIX_BLOCK - R)).view(n, SUFFIX_BLOCK, H)
+    inside = blocks.flip(1).cumsum(1).flip(1)  # [n, SUFFIX_BLOCK, H]
+    totals = inside[:, 0]
+    later = totals.flip(0).cumsum(0).flip(0) - totals  # the blocks after each one
+    return (inside + later[:, None]).view(n * SUFFIX_BLOCK, H)[:R]
+
+
 def _reverse_cumsum_per_sequence(x: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
     """y_t = sum of x_r over r >= t in t's sequence; x `[R, H]` packed by `cu` (no host sync)."""
     # fp64: the difference of two long suffix sums must not cancel away the short one.
-    suffix = torch.flip(torch.cumsum(torch.flip(x.double(), [0]), 0), [0])
+    suffix = _suffix_sums(x.double())
     suffix = torch.cat([suffix, suffix.new_zeros(1, x.shape[1])])
     rows = torch.arange(x.shape[0], device=x.device)
     seq = torch.searchsorted(cu[1:].long(), rows, right=True)
