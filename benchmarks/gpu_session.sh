@@ -19,8 +19,14 @@
 # whose SSD is Triton code, and its selective_scan_cuda built for the GPU machine's torch and
 # Python) go on PYTHONPATH.
 #
-#     bash benchmarks/gpu_session.sh
+#     bash benchmarks/gpu_session.sh [STEP...]
+#
+# STEPs (default: tests presets linear scans segments decode): `tests` is every kernel test and
+# the GPU mixer test; `ssm-tests` only the selective-scan and SSD kernel tests and the GPU mixer
+# test; the others are the benchmarks of part 2, by the name of their log.
 set -u
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(tests presets linear scans segments decode)
 OUT=${OUT:-/tmp/memzoo-gpu}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
@@ -44,27 +50,41 @@ step() {  # step SECONDS LOG COMMAND...: run with a time limit, keep the log, re
     tail -n 15 "$OUT/$log"
 }
 
-kernel_tests=(tests/kernels --ignore=tests/kernels/test_aot.py
-    tests/models/test_mamba_mixers.py::test_gpu_mixer_matches_the_cpu_path
-    -v -p no:randomly --timeout 120 -n 12 --max-worker-restart 50)
-step 240 kernel-tests.log env MEMZOO_TEST_DEVICE=cuda python3 -m pytest "${kernel_tests[@]}"
-echo "== kernel tests, outcomes logged:"
-grep -oE "(PASSED|FAILED|ERROR) tests/\S+" "$OUT/kernel-tests.log" | sort -u | awk '{print $1}' | uniq -c
-grep -oE "(FAILED|ERROR) tests/\S+" "$OUT/kernel-tests.log" | sort -u | head -40
+mixer_test=tests/models/test_mamba_mixers.py::test_gpu_mixer_matches_the_cpu_path
+ssm_tests=(tests/kernels/test_selective_scan_triton.py tests/kernels/test_selective_scan_reference.py
+    tests/kernels/test_ssd.py)
+kernel_tests() {  # kernel_tests LIMIT TESTS...: compiled on the GPU, each outcome logged
+    local limit=$1
+    shift
+    step "$limit" kernel-tests.log env MEMZOO_TEST_DEVICE=cuda python3 -m pytest "$@" \
+        -v -p no:randomly --timeout 120 -n 12 --max-worker-restart 50
+    echo "== kernel tests, outcomes logged:"
+    grep -oE "(PASSED|FAILED|ERROR) tests/\S+" "$OUT/kernel-tests.log" | sort -u | awk '{print $1}' | uniq -c
+    grep -oE "(FAILED|ERROR) tests/\S+" "$OUT/kernel-tests.log" | sort -u | head -40
+}
 
-{
-    step 100 presets.log python3 benchmarks/lm_presets.py --device cuda --batch 8 --seq-len 1024 \
-        --steps 3 --presets jrt based transformer hydra memmamba mom mamba mamba2 \
-        --train-sizes tiny 125m
-    step 90 linear.log python3 benchmarks/linear_attn_gpu.py --repeats 10
-    step 60 scans.log python3 benchmarks/scans_gpu.py --lengths 2048 8192 16384 --repeats 5
+for name in "${steps[@]}"; do
+    case $name in
+    tests) kernel_tests 240 tests/kernels --ignore=tests/kernels/test_aot.py "$mixer_test" ;;
+    ssm-tests) kernel_tests 200 "${ssm_tests[@]}" "$mixer_test" ;;
+    presets)
+        step 100 presets.log python3 benchmarks/lm_presets.py --device cuda --batch 8 \
+            --seq-len 1024 --steps 3 --presets jrt based transformer hydra memmamba mom mamba \
+            mamba2 --train-sizes tiny 125m
+        ;;
+    linear) step 90 linear.log python3 benchmarks/linear_attn_gpu.py --repeats 10 ;;
+    # mamba-ssm's SSD autotunes each of its kernels on first use: the scans need the longest.
+    scans) step 180 scans.log python3 benchmarks/scans_gpu.py --lengths 2048 8192 16384 --repeats 5 ;;
     # One sequence: the launch the segments widen most (both passes), against none.
-    step 60 segments.log python3 benchmarks/selective_scan_launch_gpu.py --batch 1 \
-        --lengths 2048 16384 --variants shipped --segments rule whole \
-        --name selective_scan_segments-b1
-    step 40 decode.log python3 benchmarks/decode_step_gpu.py --batches 1 64
-} >"$OUT/benchmarks.log" 2>&1
-cat "$OUT/benchmarks.log"
+    segments)
+        step 60 segments.log python3 benchmarks/selective_scan_launch_gpu.py --batch 1 \
+            --lengths 2048 16384 --variants shipped --segments rule whole \
+            --name selective_scan_segments-b1
+        ;;
+    decode) step 60 decode.log python3 benchmarks/decode_step_gpu.py --batches 1 64 ;;
+    *) echo "unknown step: $name" >&2 ;;
+    esac
+done
 for log in presets linear scans segments decode; do
     cat "$OUT/$log.log" >>"$OUT/all-benchmarks.log" 2>/dev/null && rm -f "$OUT/$log.log"
 done
