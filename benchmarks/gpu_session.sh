@@ -27,6 +27,12 @@
 set -u
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(tests presets linear scans segments decode)
+for name in "${steps[@]}"; do  # refuse a misspelt step before spending device time on the rest
+    case $name in
+    tests | ssm-tests | presets | linear | scans | segments | decode) ;;
+    *) echo "unknown step: $name (tests ssm-tests presets linear scans segments decode)" >&2 && exit 2 ;;
+    esac
+done
 OUT=${OUT:-/tmp/memzoo-gpu}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
@@ -82,7 +88,6 @@ for name in "${steps[@]}"; do
             --name selective_scan_segments-b1
         ;;
     decode) step 60 decode.log python3 benchmarks/decode_step_gpu.py --batches 1 64 ;;
-    *) echo "unknown step: $name" >&2 ;;
     esac
 done
 for log in presets linear scans segments decode; do
