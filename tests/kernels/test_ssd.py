@@ -91,11 +91,14 @@ def test_torch_equals_quadratic_reference_fp64(T, G, options):
     check_against_reference(inputs, torch.float64, "torch", 1e-10)
 
 
-def test_per_channel_skip_D():
+@pytest.mark.parametrize(
+    "backend,dtype,tol", [("torch", torch.float64, 1e-10), ("triton", torch.float32, 1e-4)]
+)
+def test_per_channel_skip_D(backend, dtype, tol):
     """D may be `[H, P]`, one skip weight per channel."""
     inputs = make_inputs(1, 40, 4, 2, 8, 6, seed=3)
     inputs["D"] = randn(4, 8, seed=30)
-    check_against_reference(inputs, torch.float64, "torch", 1e-10)
+    check_against_reference(inputs, dtype, backend, tol)
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,8 @@ reverse (segmented the same way):
     du_t = delta_t sum_n dh_t B_t,   ddelta_t = sum_n dh_t (a_t h_{t-1} A + B_t u_t)
     dA = sum_t dh_t a_t h_{t-1} delta_t,  dB_t = sum_d dh_t delta_t u_t,  dC_t = sum_d dy_t h_t
 where a_t h_{t-1} = h_t - b_t, so h_{t-1} itself is never needed. The softplus / bias on
-delta, the D skip and the z gate are elementwise and run in torch around the kernels.
+delta run in torch before the kernels; the D skip and the z gate after them, in one kernel
+each way (`gate_triton.py`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import triton.language as tl
 
 from memzoo.kernels._chunks import ChunkTable, packed_offsets
 from memzoo.kernels._core import AotSpec, aot_signature, register_aot
+from memzoo.kernels.selective_scan.gate_triton import skip_and_gate_triton
 
 
 def _launch(N: int, channels_per_group: int, *, backward: bool = False) -> dict:
@@ -508,12 +510,7 @@ def selective_scan_triton(
         B.reshape(batch * T, G, N), C.reshape(batch * T, G, N), h0, cu, fixed_length,
         output_final_state, store_tiles,
     )  # fmt: skip
-    y = y.reshape(batch, T, Dm)
-    if D is not None:
-        y = y + D.float() * u.float()
-    if z is not None:
-        y = y * F.silu(z.float())
-    return y.to(u.dtype), final
+    return skip_and_gate_triton(y.reshape(batch, T, Dm), u, D, z), final
 
 
 # --------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@ Per sequence and head h, with A_h < 0 one scalar per head and dt_t > 0:
 This is `linear_attn` with q = C, k = B, v = x * dt, g = dt * A, scale 1: the linear-attention
 state `[K=N, V=P]` is h transposed. B and C are shared by the H / G heads of a group.
 The recurrence runs in the `linear_attn` kernels (torch chunked path or Triton); the dt
-preprocessing, the D skip and the z gate are elementwise torch around them. The decode step
+preprocessing is elementwise torch before them, the D skip and the z gate torch after them,
+or on the Triton backend one kernel each way (`selective_scan/gate_triton.py`). The decode step
 `ssd_step` has a Triton kernel of its own that does all of it in one launch (`step_triton.py`).
 """
 
@@ -110,6 +111,17 @@ def _skip_and_gate(o, x, D, z, dtype):
     return y.to(x.dtype)
 
 
+def _skip_and_gate_triton(o, x, D, z):
+    """`_skip_and_gate` in the fused Triton kernels, over the H P channels of a token."""
+    from memzoo.kernels.selective_scan.gate_triton import skip_and_gate_triton
+
+    if D is not None:
+        H, P = x.shape[-2:]
+        D = (D[:, None].expand(H, P) if D.dim() == 1 else D).reshape(H * P)
+    flat = [None if t is None else t.flatten(-2) for t in (o, x, z)]
+    return skip_and_gate_triton(flat[0], flat[1], D, flat[2]).view(x.shape)
+
+
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
@@ -206,7 +218,10 @@ def ssd(
         cu_seqlens=cu_seqlens,
         backend=backend,
     )
-    y = _skip_and_gate(o, x, D, z, dtype)
+    if resolve_backend("ssd", backend, x.device, x.dtype) == "triton":
+        y = _skip_and_gate_triton(o, x, D, z)
+    else:
+        y = _skip_and_gate(o, x, D, z, dtype)
     return y, None if state is None else state.transpose(-1, -2)
 
 
