@@ -27,7 +27,8 @@ def _tile(R, C, BR: tl.constexpr, BC: tl.constexpr):
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     cols = tl.program_id(1) * BC + tl.arange(0, BC)
     mask = (rows < R)[:, None] & (cols < C)[None, :]
-    return cols, rows[:, None] * C + cols[None, :], mask
+    # int64 offsets: a batch of long sequences at Mamba's width passes 2^31 elements.
+    return cols, rows.to(tl.int64)[:, None] * C + cols[None, :], mask
 
 
 @triton.jit
