@@ -195,6 +195,7 @@ def _measure(T: int, args: argparse.Namespace) -> list[dict]:
         if impl == "chunk":
             row["speedup"] = (_median(ratios), min(ratios), max(ratios))
             row["best_speedup"] = (_median(best_ratios), min(best_ratios), max(best_ratios))
+            row["ratios"], row["best_ratios"] = sorted(ratios), sorted(best_ratios)
         rows.append({"T": T, "impl": impl, **row})
     return rows
 
@@ -240,6 +241,12 @@ def write_table(rows: list[dict], args: argparse.Namespace, command: str) -> Pat
             f"| {r['T']} | {r['impl']} | {r['ms']:.1f} | {r['peak_mib']:.1f} "
             f"| {r['peak_mmap_mib']:.1f} | {speedups[0]} | {speedups[1]} |"
         )
+    lines += ["", "Each process's speed-up (recurrence time / chunk time), sorted:", ""]
+    for r in rows:
+        if "ratios" in r:
+            for key, label in (("ratios", "medians"), ("best_ratios", "fastest runs")):
+                values = " ".join(f"{v:.1f}" for v in r[key])
+                lines.append(f"- T={r['T']}, {label}: {values}")
     name = "selective_scan-cpu.md" if args.call == "mamba" else f"selective_scan-cpu-{args.call}.md"
     return write_result(name, lines)
 
