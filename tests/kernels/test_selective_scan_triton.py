@@ -73,6 +73,7 @@ CASES = [
     pytest.param(100, 12, 16, 1, False, False, id="T100-Dm12-N16-G1-plain"),
     pytest.param(256, 20, 4, 2, True, True, id="T256-Dm20-N4-G2-opts-softplus"),
     pytest.param(100, 12, 4, 2, True, False, id="T100-Dm12-N4-G2-opts"),
+    pytest.param(63, 20, 4, 1, False, True, id="T63-Dm20-N4-G1-softplus-no-bias"),
 ]
 
 
@@ -88,6 +89,20 @@ def test_forward_and_gradients_fp32(T, Dm, N, G, options, softplus):
 
 def test_fp16_inputs():
     check(make_inputs(1, 40, 20, 4, 2, seed=3), softplus=True, dtype=torch.float16, ratio=5e-3)
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_softplus_over_its_whole_range(bias):
+    """delta + bias from -40 (softplus ~ 4e-18) through the threshold at 20 to 60, inside the
+    kernels: y, the final state and every gradient, ddelta and ddelta_bias included."""
+    inputs = make_inputs(1, 50, 20, 4, 2, seed=12, decay=(1e-4, 1e-3))
+    raw = torch.linspace(-40, 60, 50 * 20, dtype=torch.float64).view(1, 50, 20)
+    inputs["delta"] = raw[:, torch.randperm(50, generator=torch.Generator().manual_seed(0))]
+    if bias:
+        inputs["delta_bias"] = randn(20, seed=13, scale=2.0)
+    else:
+        del inputs["delta_bias"]
+    check(inputs, softplus=True)
 
 
 @pytest.mark.parametrize("decay", [(10.0, 40.0), (1e-4, 2e-4)], ids=["strong", "tiny"])
@@ -144,14 +159,21 @@ def force_segments(monkeypatch, scan_triton, length):
 
 
 @pytest.mark.parametrize(
-    "T,segment,options", [(63, 8, True), (100, 24, False), (17, 16, True)],
-    ids=["T63-seg8", "T100-seg24", "T17-seg16-last-segment-short"],
+    "T,segment,options,Dm,N,G",
+    [(63, 8, True, 20, 4, 2), (100, 24, False, 20, 4, 2), (17, 16, True, 20, 4, 2),
+     (40, 16, True, 40, 16, 1)],
+    ids=["T63-seg8", "T100-seg24", "T17-seg16-last-segment-short",
+         "T40-seg16-Dm40-N16-first-pass-narrower-blocks"],
 )  # fmt: skip
-def test_segmented_launch_forward_and_gradients(monkeypatch, scan_triton, T, segment, options):
+def test_segmented_launch_forward_and_gradients(
+    monkeypatch, scan_triton, T, segment, options, Dm, N, G
+):
     """Segments scanned side by side, joined by the segment passes, equal the fp64 reference:
-    y, final state and every gradient (dinitial_state from the reverse pass)."""
+    y, final state and every gradient (dinitial_state from the reverse pass). At N=16 and 40
+    channels the backward's first pass over segments walks blocks of 16 channels, its main
+    pass blocks of 32."""
     force_segments(monkeypatch, scan_triton, segment)
-    inputs = make_inputs(2, T, 20, 4, 2, seed=T, options=options)
+    inputs = make_inputs(2, T, Dm, N, G, seed=T, options=options)
     check(inputs, softplus=True)
 
 

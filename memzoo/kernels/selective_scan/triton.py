@@ -15,9 +15,10 @@ reverse (segmented the same way):
     dh_t = dy_t C_t + a_{t+1} dh_{t+1}     (a reverse associative scan; dh_T seeded by dS_T)
     du_t = delta_t sum_n dh_t B_t,   ddelta_t = sum_n dh_t (a_t h_{t-1} A + B_t u_t)
     dA = sum_t dh_t a_t h_{t-1} delta_t,  dB_t = sum_d dh_t delta_t u_t,  dC_t = sum_d dy_t h_t
-where a_t h_{t-1} = h_t - b_t, so h_{t-1} itself is never needed. The softplus / bias on
-delta run in torch before the kernels; the D skip and the z gate after them, in one kernel
-each way (`gate_triton.py`).
+where a_t h_{t-1} = h_t - b_t, so h_{t-1} itself is never needed. delta's bias and softplus
+run inside the kernels, on each tile as it is loaded (the backward turns ddelta into the
+gradient of the raw step with softplus' derivative, sigmoid); the D skip and the z gate run
+after them, in one kernel each way (`gate_triton.py`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -55,7 +55,8 @@ FWD_WARPS, BWD_WARPS = 4, 8
 # takes 64 a thread at 4 warps, the backward 249 at 8 (`python -m memzoo.kernels.aot --only
 # selective_scan`). Used to size segments (`_segment_length`).
 FWD_PER_SM, BWD_PER_SM = 8, 1
-# The backward's first pass over segments holds no states: 4 warps (8 spill on sm_80).
+# The backward's first pass over segments holds no states, only the gradients' reverse scan: it
+# takes the forward's tiles at 4 warps (80-150 registers; the backward's tiles spill there).
 SEGMENT_WARPS = 4
 # Rows. A segment boundary moves about 4 N fp32 values per channel through memory: at N=16,
 # an eighth of what the two passes over a segment of 256 bf16 rows read of u and delta.
@@ -93,13 +94,47 @@ def _block(A_ptr, Dm, G, NS, BD: tl.constexpr, BN: tl.constexpr):
 
 
 @triton.jit
+def _bias(bias_ptr, o_d, m_d, BD: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """delta's bias on channels o_d [BD] in fp32 (zeros without HAS_BIAS)."""
+    bias = tl.zeros([BD], dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)
+    return bias
+
+
+@triton.jit
+def _softplus(x):
+    """log(1 + e^x) as torch computes it: x itself above 20, and log1p's leading terms where
+    e^x is too small for 1 + e^x to hold it."""
+    e = tl.exp(tl.minimum(x, 20.0))
+    return tl.where(x > 20.0, x, tl.where(e < 1e-4, e - 0.5 * e * e, tl.log(1.0 + e)))
+
+
+@triton.jit
+def _step_sizes(delta_ptr, offsets, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """(delta, its argument): the step softplus(raw + bias) of a [BT, BD] tile, each part as
+    asked, and raw + bias; both fp32, and 0 off `mask`, where delta = 0 makes the identity step
+    (a = 1, b = 0). bias [BD] fp32 is read only with HAS_BIAS."""
+    x = tl.load(delta_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        x = tl.where(mask, x + bias[None, :], 0.0)
+    delta = x
+    if SOFTPLUS:
+        delta = tl.where(mask, _softplus(x), 0.0)
+    return delta, x
+
+
+@triton.jit
 def _chunk_inputs(
-    u_ptr, delta_ptr, B_ptr, C_ptr, A, rows, m_t, o_d, m_d, o_s, m_s, i_g, Dm, G, NS,
+    u_ptr, delta_ptr, B_ptr, C_ptr, A, bias, rows, m_t, o_d, m_d, o_s, m_s, i_g, Dm, G, NS,
+    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
 ):  # fmt: skip
-    """delta, u [BT, BD]; B, C [BT, BN]; a, b [BT, BD, BN] of one chunk (fp32)."""
+    """delta, u [BT, BD]; B, C [BT, BN]; a, b [BT, BD, BN] of one chunk (fp32), and delta's
+    argument before softplus [BT, BD] (`_step_sizes`)."""
     m_td = m_t[:, None] & m_d[None, :]
-    delta = tl.load(delta_ptr + rows[:, None] * Dm + o_d[None, :], mask=m_td, other=0.0)
-    delta = delta.to(tl.float32)
+    delta, delta_arg = _step_sizes(
+        delta_ptr, rows[:, None] * Dm + o_d[None, :], m_td, bias, HAS_BIAS, SOFTPLUS
+    )
     u = tl.load(u_ptr + rows[:, None] * Dm + o_d[None, :], mask=m_td, other=0.0).to(tl.float32)
     m_ts = m_t[:, None] & m_s[None, :]
     state_rows = (rows[:, None] * G + i_g) * NS + o_s[None, :]
@@ -108,7 +143,7 @@ def _chunk_inputs(
     # Masked rows and channels get delta = 0: a = 1, b = 0, so they carry the state unchanged.
     a = tl.exp(delta[:, :, None] * A[None, :, :])
     b = (delta * u)[:, :, None] * Bt[:, None, :]
-    return delta, u, Bt, Ct, a, b
+    return delta, u, Bt, Ct, a, b, delta_arg
 
 
 @triton.jit
@@ -140,18 +175,17 @@ def _span(cu_ptr, tile_first_ptr, seg_seq_ptr, seg_idx_ptr, SEG, BT: tl.constexp
 
 
 @triton.jit
-def _state_grads(delta_ptr, dy_ptr, A, Ct, rows, o_t, o_d, m_d, stop, tile_start, carry, Dm,
-                 BT: tl.constexpr):  # fmt: skip
+def _state_grads(delta_ptr, dy_ptr, A, bias, Ct, rows, o_t, o_d, m_d, stop, tile_start, carry,
+                 Dm, BT: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):  # fmt: skip
     """(dy [BT, BD], dh [BT, BD, BN]) of one tile whose rows end at `stop` or go on:
     dh_t = dy_t C_t + a_{t+1} dh_{t+1}, with `carry` the gradient flowing into the tile's last
     row from the row after it."""
     # a_{t+1} inside the tile; 0 at its last row, whose successor arrives as `carry`.
     has_next = (o_t < BT - 1) & (rows + 1 < stop)
-    delta_next = tl.load(
-        delta_ptr + (rows + 1)[:, None] * Dm + o_d[None, :],
-        mask=has_next[:, None] & m_d[None, :],
-        other=0.0,
-    ).to(tl.float32)
+    delta_next, _ = _step_sizes(
+        delta_ptr, (rows + 1)[:, None] * Dm + o_d[None, :], has_next[:, None] & m_d[None, :],
+        bias, HAS_BIAS, SOFTPLUS,
+    )  # fmt: skip
     a_next = tl.where(has_next[:, None, None], tl.exp(delta_next[:, :, None] * A[None]), 0.0)
     m_td = (rows < stop)[:, None] & m_d[None, :]
     dy = tl.load(dy_ptr + rows[:, None] * Dm + o_d[None, :], mask=m_td, other=0.0)
@@ -165,12 +199,14 @@ def _state_grads(delta_ptr, dy_ptr, A, Ct, rows, o_t, o_d, m_d, stop, tile_start
 # the state it leaves, and the sum of its steps, whose decay exp(A sum) carries a state across it.
 @triton.jit
 def _fwd_segment_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, seg_state_ptr, seg_dsum_ptr, cu_ptr, tile_first_ptr,
-    seg_seq_ptr, seg_idx_ptr,
+    u_ptr, delta_ptr, A_ptr, bias_ptr, B_ptr, C_ptr, seg_state_ptr, seg_dsum_ptr, cu_ptr,
+    tile_first_ptr, seg_seq_ptr, seg_idx_ptr,
     Dm, G, NS, SEG,
     BT: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
 ):  # fmt: skip
     i_g, i_b, o_d, m_d, o_s, m_s, m_ds, block, A = _block(A_ptr, Dm, G, NS, BD, BN)
+    bias = _bias(bias_ptr, o_d, m_d, BD, HAS_BIAS)
     slot, seq, start, stop, tile0 = _span(
         cu_ptr, tile_first_ptr, seg_seq_ptr, seg_idx_ptr, SEG, BT, True
     )
@@ -179,9 +215,9 @@ def _fwd_segment_kernel(
     dsum = tl.zeros([BD], dtype=tl.float32)
     for c in range(0, tl.cdiv(stop - start, BT)):
         rows = start + c * BT + tl.arange(0, BT)
-        delta, u, Bt, Ct, a, b = _chunk_inputs(
-            u_ptr, delta_ptr, B_ptr, C_ptr, A, rows, rows < stop, o_d, m_d, o_s, m_s, i_g, Dm,
-            G, NS,
+        delta, u, Bt, Ct, a, b, _ = _chunk_inputs(
+            u_ptr, delta_ptr, B_ptr, C_ptr, A, bias, rows, rows < stop, o_d, m_d, o_s, m_s, i_g,
+            Dm, G, NS, HAS_BIAS, SOFTPLUS,
         )  # fmt: skip
         a_cum, b_cum = tl.associative_scan((a, b), 0, _combine)
         h = tl.sum(tl.where(last, a_cum * h[None, :, :] + b_cum, 0.0), axis=0)
@@ -227,14 +263,15 @@ def _segment_pass_kernel(
 # the state the segment pass found), tile by tile in time order.
 @triton.jit
 def _fwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, h0_ptr, y_ptr, hc_ptr, ht_ptr, cu_ptr, tile_first_ptr,
-    seg_seq_ptr, seg_idx_ptr,
+    u_ptr, delta_ptr, A_ptr, bias_ptr, B_ptr, C_ptr, h0_ptr, y_ptr, hc_ptr, ht_ptr, cu_ptr,
+    tile_first_ptr, seg_seq_ptr, seg_idx_ptr,
     Dm, G, NS, SEG,
     BT: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
     HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr, STORE_TILES: tl.constexpr,
-    SEGMENTED: tl.constexpr,
+    SEGMENTED: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
 ):  # fmt: skip
     i_g, i_b, o_d, m_d, o_s, m_s, m_ds, block, A = _block(A_ptr, Dm, G, NS, BD, BN)
+    bias = _bias(bias_ptr, o_d, m_d, BD, HAS_BIAS)
     slot, seq, start, stop, tile0 = _span(
         cu_ptr, tile_first_ptr, seg_seq_ptr, seg_idx_ptr, SEG, BT, SEGMENTED
     )
@@ -250,9 +287,10 @@ def _fwd_kernel(
             tl.store(hc_ptr + (tile0 + c) * Dm * NS + block, h, mask=m_ds)
         rows = start + c * BT + tl.arange(0, BT)
         m_t = rows < stop
-        delta, u, Bt, Ct, a, b = _chunk_inputs(
-            u_ptr, delta_ptr, B_ptr, C_ptr, A, rows, m_t, o_d, m_d, o_s, m_s, i_g, Dm, G, NS
-        )
+        delta, u, Bt, Ct, a, b, _ = _chunk_inputs(
+            u_ptr, delta_ptr, B_ptr, C_ptr, A, bias, rows, m_t, o_d, m_d, o_s, m_s, i_g, Dm, G,
+            NS, HAS_BIAS, SOFTPLUS,
+        )  # fmt: skip
         a_cum, b_cum = tl.associative_scan((a, b), 0, _combine)
         states = a_cum * h[None, :, :] + b_cum
         y = tl.sum(states * Ct[:, None, :], axis=2)
@@ -266,12 +304,14 @@ def _fwd_kernel(
 # gradient after it: the gradient it sends to the state entering it, and the sum of its steps.
 @triton.jit
 def _bwd_segment_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, dy_ptr, seg_carry_ptr, seg_dsum_ptr, cu_ptr,
+    delta_ptr, A_ptr, bias_ptr, C_ptr, dy_ptr, seg_carry_ptr, seg_dsum_ptr, cu_ptr,
     tile_first_ptr, seg_seq_ptr, seg_idx_ptr,
     Dm, G, NS, SEG,
     BT: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
 ):  # fmt: skip
     i_g, i_b, o_d, m_d, o_s, m_s, m_ds, block, A = _block(A_ptr, Dm, G, NS, BD, BN)
+    bias = _bias(bias_ptr, o_d, m_d, BD, HAS_BIAS)
     slot, seq, start, stop, tile0 = _span(
         cu_ptr, tile_first_ptr, seg_seq_ptr, seg_idx_ptr, SEG, BT, True
     )
@@ -282,14 +322,25 @@ def _bwd_segment_kernel(
     for j in range(0, num_tiles):
         tile_start = start + (num_tiles - 1 - j) * BT
         rows = tile_start + o_t
-        delta, u, Bt, Ct, a, b = _chunk_inputs(
-            u_ptr, delta_ptr, B_ptr, C_ptr, A, rows, rows < stop, o_d, m_d, o_s, m_s, i_g, Dm,
-            G, NS,
+        m_t = rows < stop
+        # Only delta and C: this pass needs no decays but its first row's.
+        delta, _ = _step_sizes(
+            delta_ptr, rows[:, None] * Dm + o_d[None, :], m_t[:, None] & m_d[None, :], bias,
+            HAS_BIAS, SOFTPLUS,
         )  # fmt: skip
+        Ct = tl.load(
+            C_ptr + ((rows[:, None] * G + i_g) * NS + o_s[None, :]),
+            mask=m_t[:, None] & m_s[None, :],
+            other=0.0,
+        ).to(tl.float32)
         dy, dh = _state_grads(
-            delta_ptr, dy_ptr, A, Ct, rows, o_t, o_d, m_d, stop, tile_start, carry, Dm, BT
-        )
-        carry = tl.sum(tl.where((o_t == 0)[:, None, None], a * dh, 0.0), axis=0)
+            delta_ptr, dy_ptr, A, bias, Ct, rows, o_t, o_d, m_d, stop, tile_start, carry, Dm, BT,
+            HAS_BIAS, SOFTPLUS,
+        )  # fmt: skip
+        # The gradient sent to the state entering the tile: a_0 dh_0, of its first row.
+        first = (o_t == 0)[:, None]
+        delta_0 = tl.sum(tl.where(first, delta, 0.0), axis=0)
+        carry = tl.exp(delta_0[:, None] * A) * tl.sum(tl.where(first[:, :, None], dh, 0.0), axis=0)
         dsum += tl.sum(delta, axis=0)
     tl.store(seg_carry_ptr + slot * Dm * NS + block, carry, mask=m_ds)
     tl.store(seg_dsum_ptr + slot * Dm + o_d, dsum, mask=m_d)
@@ -299,14 +350,16 @@ def _bwd_segment_kernel(
 # gradient (SEGMENTED: entered with the gradient the reverse segment pass found).
 @triton.jit
 def _bwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, hc_ptr, dy_ptr, dht_ptr,
+    u_ptr, delta_ptr, A_ptr, bias_ptr, B_ptr, C_ptr, hc_ptr, dy_ptr, dht_ptr,
     du_ptr, ddelta_ptr, dA_part_ptr, dB_part_ptr, dC_part_ptr, dh0_ptr, cu_ptr, tile_first_ptr,
     seg_seq_ptr, seg_idx_ptr,
     R, Dm, G, NS, SEG,
     BT: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
     HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, SEGMENTED: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
 ):  # fmt: skip
     i_g, i_b, o_d, m_d, o_s, m_s, m_ds, block, A = _block(A_ptr, Dm, G, NS, BD, BN)
+    bias = _bias(bias_ptr, o_d, m_d, BD, HAS_BIAS)
     slot, seq, start, stop, tile0 = _span(
         cu_ptr, tile_first_ptr, seg_seq_ptr, seg_idx_ptr, SEG, BT, SEGMENTED
     )
@@ -326,19 +379,23 @@ def _bwd_kernel(
         rows = tile_start + o_t
         m_t = rows < stop
         m_td = m_t[:, None] & m_d[None, :]
-        delta, u, Bt, Ct, a, b = _chunk_inputs(
-            u_ptr, delta_ptr, B_ptr, C_ptr, A, rows, m_t, o_d, m_d, o_s, m_s, i_g, Dm, G, NS
-        )
+        delta, u, Bt, Ct, a, b, delta_arg = _chunk_inputs(
+            u_ptr, delta_ptr, B_ptr, C_ptr, A, bias, rows, m_t, o_d, m_d, o_s, m_s, i_g, Dm, G,
+            NS, HAS_BIAS, SOFTPLUS,
+        )  # fmt: skip
         h_start = tl.load(hc_ptr + (tile0 + c) * Dm * NS + block, mask=m_ds, other=0.0)
         a_cum, b_cum = tl.associative_scan((a, b), 0, _combine)
         states = a_cum * h_start[None, :, :] + b_cum
         dy, dh = _state_grads(
-            delta_ptr, dy_ptr, A, Ct, rows, o_t, o_d, m_d, stop, tile_start, carry, Dm, BT
-        )
+            delta_ptr, dy_ptr, A, bias, Ct, rows, o_t, o_d, m_d, stop, tile_start, carry, Dm, BT,
+            HAS_BIAS, SOFTPLUS,
+        )  # fmt: skip
 
         decayed_prev = states - b  # a_t h_{t-1}
         du = delta * tl.sum(dh * Bt[:, None, :], axis=2)
         ddelta = tl.sum(dh * (decayed_prev * A[None] + Bt[:, None, :] * u[:, :, None]), axis=2)
+        if SOFTPLUS:  # the gradient of the raw step (+ bias): softplus' = sigmoid
+            ddelta *= tl.sigmoid(delta_arg)
         dA += tl.sum(dh * decayed_prev * delta[:, :, None], axis=0)
         offsets = rows[:, None] * Dm + o_d[None, :]
         tl.store(du_ptr + offsets, du, mask=m_td)
@@ -390,13 +447,14 @@ def _segment_length(programs: int, per_sm: int, rows: int, num_seqs: int, device
 
 
 class SelectiveScanFunction(torch.autograd.Function):
-    """Packed scan: u, delta `[R, Dm]` (delta already softplus'd), A `[Dm, N]` fp32,
-    B, C `[R, G, N]`, h0 `[N_seq, Dm, N]` fp32 or None; store_tiles: keep the state entering
-    each tile for a backward. Returns y `[R, Dm]` fp32 (before the D skip and z gate) and the
-    final state or None."""
+    """Packed scan: u, delta `[R, Dm]` (delta the raw step), A `[Dm, N]` fp32, B, C
+    `[R, G, N]`, h0 `[N_seq, Dm, N]` fp32 or None, bias `[Dm]` or None; softplus: the step is
+    softplus(delta + bias); store_tiles: keep the state entering each tile for a backward.
+    Returns y `[R, Dm]` fp32 (before the D skip and z gate) and the final state or None."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, h0, cu, fixed_length, output_final, store_tiles):
+    def forward(ctx, u, delta, A, B, C, h0, bias, softplus, cu, fixed_length, output_final,
+                store_tiles):  # fmt: skip
         R, Dm = u.shape
         G, N = B.shape[1], B.shape[2]
         launch = _launch(N, Dm // G)
@@ -408,12 +466,14 @@ class SelectiveScanFunction(torch.autograd.Function):
         ht = torch.empty(tiles.num_seqs, Dm, N, **f32)
         seg = _segment_length(blocks * tiles.num_seqs, FWD_PER_SM, R, tiles.num_seqs, u.device,
                               launch["BT"])  # fmt: skip
-        scan = {"Dm": Dm, "G": G, "NS": N, "num_warps": FWD_WARPS, **launch}
+        step = {"HAS_BIAS": bias is not None, "SOFTPLUS": softplus}
+        scan = {"Dm": Dm, "G": G, "NS": N, "num_warps": FWD_WARPS, **launch, **step}
+        bias_arg = A if bias is None else bias  # read only with HAS_BIAS
         if seg is None:
             _fwd_kernel[(blocks, tiles.num_seqs)](
-                u, delta, A, B, C, u if h0 is None else h0, y, hc, ht, cu, tiles.first, cu, cu,
-                SEG=0, HAS_H0=h0 is not None, STORE_FINAL=output_final, STORE_TILES=store_tiles,
-                SEGMENTED=False, **scan,
+                u, delta, A, bias_arg, B, C, u if h0 is None else h0, y, hc, ht, cu, tiles.first,
+                cu, cu, SEG=0, HAS_H0=h0 is not None, STORE_FINAL=output_final,
+                STORE_TILES=store_tiles, SEGMENTED=False, **scan,
             )  # fmt: skip
         else:
             segs = ChunkTable(cu, R, fixed_length, seg)
@@ -421,7 +481,7 @@ class SelectiveScanFunction(torch.autograd.Function):
             entering = torch.empty(segs.bound, Dm, N, **f32)
             dsum = torch.empty(segs.bound, Dm, **f32)
             _fwd_segment_kernel[(blocks, segs.bound)](
-                u, delta, A, B, C, entering, dsum, *tables, SEG=seg, **scan
+                u, delta, A, bias_arg, B, C, entering, dsum, *tables, SEG=seg, **scan
             )
             _segment_pass_kernel[(triton.cdiv(Dm * N, PASS_BLOCK), tiles.num_seqs)](
                 A, entering, dsum, ht if h0 is None else h0, ht, cu, segs.first, Dm, N, seg,
@@ -429,16 +489,16 @@ class SelectiveScanFunction(torch.autograd.Function):
                 REVERSE=False,
             )  # fmt: skip
             _fwd_kernel[(blocks, segs.bound)](
-                u, delta, A, B, C, entering, y, hc, ht, *tables, SEG=seg, HAS_H0=False,
+                u, delta, A, bias_arg, B, C, entering, y, hc, ht, *tables, SEG=seg, HAS_H0=False,
                 STORE_FINAL=False, STORE_TILES=store_tiles, SEGMENTED=True, **scan,
             )  # fmt: skip
-        ctx.save_for_backward(u, delta, A, B, C, h0, cu, hc, tiles.first)
-        ctx.num_seqs, ctx.fixed_length = tiles.num_seqs, fixed_length
+        ctx.save_for_backward(u, delta, A, B, C, h0, bias, cu, hc, tiles.first)
+        ctx.num_seqs, ctx.fixed_length, ctx.softplus = tiles.num_seqs, fixed_length, softplus
         return y, (ht if output_final else None)
 
     @staticmethod
     def backward(ctx, dy, dht):
-        u, delta, A, B, C, h0, cu, hc, tile_first = ctx.saved_tensors
+        u, delta, A, B, C, h0, bias, cu, hc, tile_first = ctx.saved_tensors
         R, Dm = u.shape
         G, N = B.shape[1], B.shape[2]
         launch = _launch(N, Dm // G, backward=True)
@@ -451,11 +511,13 @@ class SelectiveScanFunction(torch.autograd.Function):
         dht = None if dht is None else dht.float().contiguous()
         seg = _segment_length(G * blocks * ctx.num_seqs, BWD_PER_SM, R, ctx.num_seqs, u.device,
                               launch["BT"])  # fmt: skip
-        scan = {"Dm": Dm, "G": G, "NS": N, "num_warps": BWD_WARPS, **launch}
+        step = {"HAS_BIAS": bias is not None, "SOFTPLUS": ctx.softplus}
+        scan = {"Dm": Dm, "G": G, "NS": N, "num_warps": BWD_WARPS, **launch, **step}
+        bias_arg = A if bias is None else bias
         if seg is None:
             dA_part = torch.empty(ctx.num_seqs, Dm, N, **f32)
             _bwd_kernel[(G * blocks, ctx.num_seqs)](
-                u, delta, A, B, C, hc, dy, hc if dht is None else dht,
+                u, delta, A, bias_arg, B, C, hc, dy, hc if dht is None else dht,
                 du, ddelta, dA_part, dB_part, dC_part, dh0, cu, tile_first, cu, cu, R=R,
                 SEG=0, HAS_DHT=dht is not None, STORE_DH0=h0 is not None, SEGMENTED=False,
                 **scan,
@@ -466,24 +528,26 @@ class SelectiveScanFunction(torch.autograd.Function):
             carries = torch.empty(segs.bound, Dm, N, **f32)
             dsum = torch.empty(segs.bound, Dm, **f32)
             dA_part = torch.empty(segs.bound, Dm, N, **f32)
-            _bwd_segment_kernel[(G * blocks, segs.bound)](
-                u, delta, A, B, C, dy, carries, dsum, *tables, SEG=seg,
-                **{**scan, "num_warps": SEGMENT_WARPS},
-            )  # fmt: skip
+            first_pass = {**scan, **_launch(N, Dm // G), "num_warps": SEGMENT_WARPS}
+            _bwd_segment_kernel[(G * triton.cdiv(Dm // G, first_pass["BD"]), segs.bound)](
+                delta, A, bias_arg, C, dy, carries, dsum, *tables, SEG=seg, **first_pass
+            )
             _segment_pass_kernel[(triton.cdiv(Dm * N, PASS_BLOCK), ctx.num_seqs)](
                 A, carries, dsum, dh0 if dht is None else dht, dh0, cu, segs.first, Dm, N, seg,
                 BLOCK=PASS_BLOCK, HAS_INIT=dht is not None, STORE_FINAL=h0 is not None,
                 REVERSE=True,
             )  # fmt: skip
             _bwd_kernel[(G * blocks, segs.bound)](
-                u, delta, A, B, C, hc, dy, carries,
+                u, delta, A, bias_arg, B, C, hc, dy, carries,
                 du, ddelta, dA_part, dB_part, dC_part, dh0, *tables, R=R,
                 SEG=seg, HAS_DHT=False, STORE_DH0=False, SEGMENTED=True, **scan,
             )  # fmt: skip
+        # ddelta is the raw step's gradient, and so the bias's, summed over rows.
+        dbias = None if bias is None else ddelta.sum(0).to(bias.dtype)
         return (
             du.to(u.dtype), ddelta.to(delta.dtype), dA_part.sum(0).to(A.dtype),
             dB_part.sum(0).to(B.dtype), dC_part.sum(0).to(C.dtype),
-            None if h0 is None else dh0, None, None, None, None,
+            None if h0 is None else dh0, dbias, None, None, None, None, None,
         )  # fmt: skip
 
 
@@ -497,18 +561,14 @@ def selective_scan_triton(
     batch, T, Dm = u.shape
     G, N = B.shape[2], B.shape[3]
     cu, fixed_length = packed_offsets(batch, T, cu_seqlens, u.device)
-    if delta_bias is not None:
-        delta = delta + delta_bias.to(delta.dtype)
-    if delta_softplus:
-        delta = F.softplus(delta.float())
     h0 = None if initial_state is None else initial_state.float().contiguous()
     # The states entering each tile are kept only for a backward that can run.
-    inputs = (u, delta, A, B, C, h0)
+    inputs = (u, delta, A, B, C, h0, delta_bias)
     store_tiles = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
     y, final = SelectiveScanFunction.apply(
-        u.reshape(batch * T, Dm), delta.reshape(batch * T, Dm).contiguous(), A.float(),
-        B.reshape(batch * T, G, N), C.reshape(batch * T, G, N), h0, cu, fixed_length,
-        output_final_state, store_tiles,
+        u.reshape(batch * T, Dm), delta.reshape(batch * T, Dm), A.float(),
+        B.reshape(batch * T, G, N), C.reshape(batch * T, G, N), h0, delta_bias,
+        bool(delta_softplus), cu, fixed_length, output_final_state, store_tiles,
     )  # fmt: skip
     return skip_and_gate_triton(y.reshape(batch, T, Dm), u, D, z), final
 
@@ -526,7 +586,9 @@ def _register_aot_specs() -> None:
     whole = {"SEGMENTED": False}
     segmented = {"SEGMENTED": True}
     for N in (4, 16):
-        fwd, bwd = _launch(N, 1536), _launch(N, 1536, backward=True)
+        # Mamba's call: delta's bias and softplus inside the kernels.
+        step = {"HAS_BIAS": True, "SOFTPLUS": True}
+        fwd, bwd = {**_launch(N, 1536), **step}, {**_launch(N, 1536, backward=True), **step}
         for name, kernel, constexprs, num_warps in (
             ("fwd", _fwd_kernel, {**fwd, **whole, "HAS_H0": True, "STORE_FINAL": True,
                                   "STORE_TILES": True}, FWD_WARPS),
@@ -536,7 +598,7 @@ def _register_aot_specs() -> None:
             ("bwd", _bwd_kernel, {**bwd, **whole, "HAS_DHT": True, "STORE_DH0": True}, BWD_WARPS),
             ("bwd-segmented", _bwd_kernel, {**bwd, **segmented, "HAS_DHT": False,
                                             "STORE_DH0": False}, BWD_WARPS),
-            ("bwd_segment", _bwd_segment_kernel, bwd, SEGMENT_WARPS),
+            ("bwd_segment", _bwd_segment_kernel, fwd, SEGMENT_WARPS),
         ):  # fmt: skip
             register_aot(
                 AotSpec(
