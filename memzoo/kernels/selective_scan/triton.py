@@ -351,7 +351,8 @@ def _bwd_segment_kernel(
 @triton.jit
 def _bwd_kernel(
     u_ptr, delta_ptr, A_ptr, bias_ptr, B_ptr, C_ptr, hc_ptr, dy_ptr, dht_ptr,
-    du_ptr, ddelta_ptr, dA_part_ptr, dB_part_ptr, dC_part_ptr, dh0_ptr, cu_ptr, tile_first_ptr,
+    du_ptr, ddelta_ptr, dA_part_ptr, dB_part_ptr, dC_part_ptr, dbias_part_ptr, dh0_ptr, cu_ptr,
+    tile_first_ptr,
     seg_seq_ptr, seg_idx_ptr,
     R, Dm, G, NS, SEG,
     BT: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
@@ -372,6 +373,7 @@ def _bwd_kernel(
     elif HAS_DHT:
         carry += tl.load(dht_ptr + seq * Dm * NS + block, mask=m_ds, other=0.0)
     dA = tl.zeros([BD, BN], dtype=tl.float32)
+    dbias = tl.zeros([BD], dtype=tl.float32)
     num_tiles = tl.cdiv(stop - start, BT)
     for j in range(0, num_tiles):
         c = num_tiles - 1 - j
@@ -398,8 +400,11 @@ def _bwd_kernel(
             ddelta *= tl.sigmoid(delta_arg)
         dA += tl.sum(dh * decayed_prev * delta[:, :, None], axis=0)
         offsets = rows[:, None] * Dm + o_d[None, :]
-        tl.store(du_ptr + offsets, du, mask=m_td)
-        tl.store(ddelta_ptr + offsets, ddelta, mask=m_td)
+        # In the inputs' dtypes; the bias's gradient sums the fp32 values first.
+        tl.store(du_ptr + offsets, du.to(du_ptr.dtype.element_ty), mask=m_td)
+        tl.store(ddelta_ptr + offsets, ddelta.to(ddelta_ptr.dtype.element_ty), mask=m_td)
+        if HAS_BIAS:
+            dbias += tl.sum(tl.where(m_td, ddelta, 0.0), axis=0)
         # Per channel block partials of dB, dC `[blocks, R, G, NS]`, summed by the launcher.
         part = ((i_b * R + rows[:, None]) * G + i_g) * NS + o_s[None, :]
         m_ts = m_t[:, None] & m_s[None, :]
@@ -409,6 +414,8 @@ def _bwd_kernel(
     # Per slot (sequence or segment) partials of dA, summed by the launcher; a surplus segment
     # writes zeros.
     tl.store(dA_part_ptr + slot * Dm * NS + block, dA, mask=m_ds)
+    if HAS_BIAS:
+        tl.store(dbias_part_ptr + slot * Dm + o_d, dbias, mask=m_d)
     if STORE_DH0:
         tl.store(dh0_ptr + seq * Dm * NS + block, carry, mask=m_ds)
 
@@ -504,7 +511,7 @@ class SelectiveScanFunction(torch.autograd.Function):
         launch = _launch(N, Dm // G, backward=True)
         blocks = triton.cdiv(Dm // G, launch["BD"])
         f32 = {"dtype": torch.float32, "device": u.device}
-        du, ddelta = torch.empty(R, Dm, **f32), torch.empty(R, Dm, **f32)
+        du, ddelta = torch.empty_like(u), torch.empty_like(delta)
         dB_part, dC_part = torch.empty(blocks, R, G, N, **f32), torch.empty(blocks, R, G, N, **f32)
         dh0 = torch.empty(ctx.num_seqs, Dm, N, **f32)
         dy = dy.float().contiguous()
@@ -516,9 +523,11 @@ class SelectiveScanFunction(torch.autograd.Function):
         bias_arg = A if bias is None else bias
         if seg is None:
             dA_part = torch.empty(ctx.num_seqs, Dm, N, **f32)
+            dbias_part = torch.empty(ctx.num_seqs, Dm, **f32) if bias is not None else dA_part
             _bwd_kernel[(G * blocks, ctx.num_seqs)](
                 u, delta, A, bias_arg, B, C, hc, dy, hc if dht is None else dht,
-                du, ddelta, dA_part, dB_part, dC_part, dh0, cu, tile_first, cu, cu, R=R,
+                du, ddelta, dA_part, dB_part, dC_part, dbias_part, dh0, cu, tile_first, cu, cu,
+                R=R,
                 SEG=0, HAS_DHT=dht is not None, STORE_DH0=h0 is not None, SEGMENTED=False,
                 **scan,
             )  # fmt: skip
@@ -528,6 +537,7 @@ class SelectiveScanFunction(torch.autograd.Function):
             carries = torch.empty(segs.bound, Dm, N, **f32)
             dsum = torch.empty(segs.bound, Dm, **f32)
             dA_part = torch.empty(segs.bound, Dm, N, **f32)
+            dbias_part = torch.empty(segs.bound, Dm, **f32) if bias is not None else dA_part
             first_pass = {**scan, **_launch(N, Dm // G), "num_warps": SEGMENT_WARPS}
             _bwd_segment_kernel[(G * triton.cdiv(Dm // G, first_pass["BD"]), segs.bound)](
                 delta, A, bias_arg, C, dy, carries, dsum, *tables, SEG=seg, **first_pass
@@ -539,13 +549,13 @@ class SelectiveScanFunction(torch.autograd.Function):
             )  # fmt: skip
             _bwd_kernel[(G * blocks, segs.bound)](
                 u, delta, A, bias_arg, B, C, hc, dy, carries,
-                du, ddelta, dA_part, dB_part, dC_part, dh0, *tables, R=R,
+                du, ddelta, dA_part, dB_part, dC_part, dbias_part, dh0, *tables, R=R,
                 SEG=seg, HAS_DHT=False, STORE_DH0=False, SEGMENTED=True, **scan,
             )  # fmt: skip
-        # ddelta is the raw step's gradient, and so the bias's, summed over rows.
-        dbias = None if bias is None else ddelta.sum(0).to(bias.dtype)
+        # Per slot (sequence or segment) sums of the raw step's gradient: the bias's.
+        dbias = None if bias is None else dbias_part.sum(0).to(bias.dtype)
         return (
-            du.to(u.dtype), ddelta.to(delta.dtype), dA_part.sum(0).to(A.dtype),
+            du, ddelta, dA_part.sum(0).to(A.dtype),
             dB_part.sum(0).to(B.dtype), dC_part.sum(0).to(C.dtype),
             None if h0 is None else dh0, dbias, None, None, None, None, None,
         )  # fmt: skip
@@ -580,7 +590,7 @@ def selective_scan_triton(
 
 def _register_aot_specs() -> None:
     types = {
-        **{f"{n}_ptr": "*bf16" for n in ("u", "B", "C")},
+        **{f"{n}_ptr": "*bf16" for n in ("u", "delta", "B", "C", "du", "ddelta")},
         **{f"{n}_ptr": "*i32" for n in ("cu", "tile_first", "seg_seq", "seg_idx", "seg_first")},
     }
     whole = {"SEGMENTED": False}
