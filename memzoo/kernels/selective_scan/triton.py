@@ -352,8 +352,7 @@ def _bwd_segment_kernel(
 def _bwd_kernel(
     u_ptr, delta_ptr, A_ptr, bias_ptr, B_ptr, C_ptr, hc_ptr, dy_ptr, dht_ptr,
     du_ptr, ddelta_ptr, dA_part_ptr, dB_part_ptr, dC_part_ptr, dbias_part_ptr, dh0_ptr, cu_ptr,
-    tile_first_ptr,
-    seg_seq_ptr, seg_idx_ptr,
+    tile_first_ptr, seg_seq_ptr, seg_idx_ptr,
     R, Dm, G, NS, SEG,
     BT: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
     HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, SEGMENTED: tl.constexpr,
@@ -527,8 +526,7 @@ class SelectiveScanFunction(torch.autograd.Function):
             _bwd_kernel[(G * blocks, ctx.num_seqs)](
                 u, delta, A, bias_arg, B, C, hc, dy, hc if dht is None else dht,
                 du, ddelta, dA_part, dB_part, dC_part, dbias_part, dh0, cu, tile_first, cu, cu,
-                R=R,
-                SEG=0, HAS_DHT=dht is not None, STORE_DH0=h0 is not None, SEGMENTED=False,
+                R=R, SEG=0, HAS_DHT=dht is not None, STORE_DH0=h0 is not None, SEGMENTED=False,
                 **scan,
             )  # fmt: skip
         else:
