@@ -22,8 +22,8 @@
 #     bash benchmarks/gpu_session.sh [STEP...]
 #
 # STEPs (default: tests presets linear scans segments decode): `tests` is every kernel test and
-# the GPU mixer test; `ssm-tests` only the selective-scan and SSD kernel tests and the GPU mixer
-# test; the others are the benchmarks of part 2, by the name of their log.
+# the GPU mixer test; `ssm-tests` only the selective-scan, SSD, skip-and-gate and occupancy
+# kernel tests and the GPU mixer test; the others are the benchmarks of part 2, by the name of their log.
 set -u
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(tests presets linear scans segments decode)
@@ -69,9 +69,15 @@ kernel_tests() {  # kernel_tests LIMIT TESTS...: compiled on the GPU, each outco
     grep -oE "(FAILED|ERROR) tests/\S+" "$OUT/kernel-tests.log" | sort -u | head -40
 }
 
+# fla-core (a test dependency, the second oracle) is seldom installed on a GPU machine.
+skip_fla=()
+python3 -c "import fla" 2>/dev/null || skip_fla=(--ignore=tests/kernels/test_fla_oracle.py)
+ssm_tests+=(tests/kernels/test_occupancy.py tests/kernels/test_skip_gate_triton.py)
+
 for name in "${steps[@]}"; do
     case $name in
-    tests) kernel_tests 240 tests/kernels --ignore=tests/kernels/test_aot.py "$mixer_test" ;;
+    tests) kernel_tests 240 tests/kernels --ignore=tests/kernels/test_aot.py "${skip_fla[@]}" \
+        "$mixer_test" ;;
     ssm-tests) kernel_tests 200 "${ssm_tests[@]}" "$mixer_test" ;;
     presets)
         step 100 presets.log python3 benchmarks/lm_presets.py --device cuda --batch 8 \

@@ -16,21 +16,22 @@ reverse (segmented the same way):
     du_t = delta_t sum_n dh_t B_t,   ddelta_t = sum_n dh_t (a_t h_{t-1} A + B_t u_t)
     dA = sum_t dh_t a_t h_{t-1} delta_t,  dB_t = sum_d dh_t delta_t u_t,  dC_t = sum_d dy_t h_t
 where a_t h_{t-1} = h_t - b_t, so h_{t-1} itself is never needed. delta's bias and softplus
-run inside the kernels, on each tile as it is loaded (the backward turns ddelta into the
-gradient of the raw step with softplus' derivative, sigmoid); the D skip and the z gate run
-after them, in one kernel each way (`gate_triton.py`).
+run before the kernels, in torch, each way (`_step_sizes`): the forward keeps none of it, and
+the backward's kernel turns ddelta into the gradient of the raw step with softplus'
+derivative, sigmoid, writing it in the raw step's dtype. The D skip and the z gate run after
+the scan, in one kernel each way (`gate_triton.py`).
 """
 
 from __future__ import annotations
 
-import functools
-
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from memzoo.kernels._chunks import ChunkTable, packed_offsets
 from memzoo.kernels._core import AotSpec, aot_signature, register_aot
+from memzoo.kernels._occupancy import resident_programs, sm_count
 from memzoo.kernels.selective_scan.gate_triton import skip_and_gate_triton
 
 
@@ -51,10 +52,6 @@ def _launch(N: int, channels_per_group: int, *, backward: bool = False) -> dict:
 
 # The backward holds about three times the forward's tiles: 8 warps keep it from spilling.
 FWD_WARPS, BWD_WARPS = 4, 8
-# Programs a multiprocessor holds at once, by registers (65536 on sm_80/sm_90): the forward
-# takes 64 a thread at 4 warps, the backward 249 at 8 (`python -m memzoo.kernels.aot --only
-# selective_scan`). Used to size segments (`_segment_length`).
-FWD_PER_SM, BWD_PER_SM = 8, 1
 # The backward's first pass over segments holds no states, only the gradients' reverse scan: it
 # takes the forward's tiles at 4 warps (80-150 registers; the backward's tiles spill there).
 SEGMENT_WARPS = 4
@@ -94,15 +91,6 @@ def _block(A_ptr, Dm, G, NS, BD: tl.constexpr, BN: tl.constexpr):
 
 
 @triton.jit
-def _bias(bias_ptr, o_d, m_d, BD: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """delta's bias on channels o_d [BD] in fp32 (zeros without HAS_BIAS)."""
-    bias = tl.zeros([BD], dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)
-    return bias
-
-
-@triton.jit
 def _softplus(x):
     """log(1 + e^x) as torch computes it: x itself above 20, and log1p's leading terms where
     e^x is too small for 1 + e^x to hold it."""
@@ -111,30 +99,11 @@ def _softplus(x):
 
 
 @triton.jit
-def _step_sizes(delta_ptr, offsets, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-    """(delta, its argument): the step softplus(raw + bias) of a [BT, BD] tile, each part as
-    asked, and raw + bias; both fp32, and 0 off `mask`, where delta = 0 makes the identity step
-    (a = 1, b = 0). bias [BD] fp32 is read only with HAS_BIAS."""
-    x = tl.load(delta_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        x = tl.where(mask, x + bias[None, :], 0.0)
-    delta = x
-    if SOFTPLUS:
-        delta = tl.where(mask, _softplus(x), 0.0)
-    return delta, x
-
-
-@triton.jit
-def _chunk_inputs(
-    u_ptr, delta_ptr, B_ptr, C_ptr, A, bias, rows, m_t, o_d, m_d, o_s, m_s, i_g, Dm, G, NS,
-    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-):  # fmt: skip
-    """delta, u [BT, BD]; B, C [BT, BN]; a, b [BT, BD, BN] of one chunk (fp32), and delta's
-    argument before softplus [BT, BD] (`_step_sizes`)."""
+def _chunk_inputs(u_ptr, delta_ptr, B_ptr, C_ptr, A, rows, m_t, o_d, m_d, o_s, m_s, i_g, Dm, G,
+                  NS):  # fmt: skip
+    """delta, u [BT, BD]; B, C [BT, BN]; a, b [BT, BD, BN] of one chunk (fp32)."""
     m_td = m_t[:, None] & m_d[None, :]
-    delta, delta_arg = _step_sizes(
-        delta_ptr, rows[:, None] * Dm + o_d[None, :], m_td, bias, HAS_BIAS, SOFTPLUS
-    )
+    delta = tl.load(delta_ptr + rows[:, None] * Dm + o_d[None, :], mask=m_td, other=0.0)
     u = tl.load(u_ptr + rows[:, None] * Dm + o_d[None, :], mask=m_td, other=0.0).to(tl.float32)
     m_ts = m_t[:, None] & m_s[None, :]
     state_rows = (rows[:, None] * G + i_g) * NS + o_s[None, :]
@@ -143,7 +112,7 @@ def _chunk_inputs(
     # Masked rows and channels get delta = 0: a = 1, b = 0, so they carry the state unchanged.
     a = tl.exp(delta[:, :, None] * A[None, :, :])
     b = (delta * u)[:, :, None] * Bt[:, None, :]
-    return delta, u, Bt, Ct, a, b, delta_arg
+    return delta, u, Bt, Ct, a, b
 
 
 @triton.jit
@@ -175,17 +144,18 @@ def _span(cu_ptr, tile_first_ptr, seg_seq_ptr, seg_idx_ptr, SEG, BT: tl.constexp
 
 
 @triton.jit
-def _state_grads(delta_ptr, dy_ptr, A, bias, Ct, rows, o_t, o_d, m_d, stop, tile_start, carry,
-                 Dm, BT: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):  # fmt: skip
+def _state_grads(delta_ptr, dy_ptr, A, Ct, rows, o_t, o_d, m_d, stop, tile_start, carry, Dm,
+                 BT: tl.constexpr):  # fmt: skip
     """(dy [BT, BD], dh [BT, BD, BN]) of one tile whose rows end at `stop` or go on:
     dh_t = dy_t C_t + a_{t+1} dh_{t+1}, with `carry` the gradient flowing into the tile's last
     row from the row after it."""
     # a_{t+1} inside the tile; 0 at its last row, whose successor arrives as `carry`.
     has_next = (o_t < BT - 1) & (rows + 1 < stop)
-    delta_next, _ = _step_sizes(
-        delta_ptr, (rows + 1)[:, None] * Dm + o_d[None, :], has_next[:, None] & m_d[None, :],
-        bias, HAS_BIAS, SOFTPLUS,
-    )  # fmt: skip
+    delta_next = tl.load(
+        delta_ptr + (rows + 1)[:, None] * Dm + o_d[None, :],
+        mask=has_next[:, None] & m_d[None, :],
+        other=0.0,
+    )
     a_next = tl.where(has_next[:, None, None], tl.exp(delta_next[:, :, None] * A[None]), 0.0)
     m_td = (rows < stop)[:, None] & m_d[None, :]
     dy = tl.load(dy_ptr + rows[:, None] * Dm + o_d[None, :], mask=m_td, other=0.0)
@@ -199,14 +169,12 @@ def _state_grads(delta_ptr, dy_ptr, A, bias, Ct, rows, o_t, o_d, m_d, stop, tile
 # the state it leaves, and the sum of its steps, whose decay exp(A sum) carries a state across it.
 @triton.jit
 def _fwd_segment_kernel(
-    u_ptr, delta_ptr, A_ptr, bias_ptr, B_ptr, C_ptr, seg_state_ptr, seg_dsum_ptr, cu_ptr,
-    tile_first_ptr, seg_seq_ptr, seg_idx_ptr,
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, seg_state_ptr, seg_dsum_ptr, cu_ptr, tile_first_ptr,
+    seg_seq_ptr, seg_idx_ptr,
     Dm, G, NS, SEG,
     BT: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
-    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
 ):  # fmt: skip
     i_g, i_b, o_d, m_d, o_s, m_s, m_ds, block, A = _block(A_ptr, Dm, G, NS, BD, BN)
-    bias = _bias(bias_ptr, o_d, m_d, BD, HAS_BIAS)
     slot, seq, start, stop, tile0 = _span(
         cu_ptr, tile_first_ptr, seg_seq_ptr, seg_idx_ptr, SEG, BT, True
     )
@@ -215,9 +183,9 @@ def _fwd_segment_kernel(
     dsum = tl.zeros([BD], dtype=tl.float32)
     for c in range(0, tl.cdiv(stop - start, BT)):
         rows = start + c * BT + tl.arange(0, BT)
-        delta, u, Bt, Ct, a, b, _ = _chunk_inputs(
-            u_ptr, delta_ptr, B_ptr, C_ptr, A, bias, rows, rows < stop, o_d, m_d, o_s, m_s, i_g,
-            Dm, G, NS, HAS_BIAS, SOFTPLUS,
+        delta, u, Bt, Ct, a, b = _chunk_inputs(
+            u_ptr, delta_ptr, B_ptr, C_ptr, A, rows, rows < stop, o_d, m_d, o_s, m_s, i_g, Dm, G,
+            NS,
         )  # fmt: skip
         a_cum, b_cum = tl.associative_scan((a, b), 0, _combine)
         h = tl.sum(tl.where(last, a_cum * h[None, :, :] + b_cum, 0.0), axis=0)
@@ -263,15 +231,14 @@ def _segment_pass_kernel(
 # the state the segment pass found), tile by tile in time order.
 @triton.jit
 def _fwd_kernel(
-    u_ptr, delta_ptr, A_ptr, bias_ptr, B_ptr, C_ptr, h0_ptr, y_ptr, hc_ptr, ht_ptr, cu_ptr,
-    tile_first_ptr, seg_seq_ptr, seg_idx_ptr,
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, h0_ptr, y_ptr, hc_ptr, ht_ptr, cu_ptr, tile_first_ptr,
+    seg_seq_ptr, seg_idx_ptr,
     Dm, G, NS, SEG,
     BT: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
     HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr, STORE_TILES: tl.constexpr,
-    SEGMENTED: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    SEGMENTED: tl.constexpr,
 ):  # fmt: skip
     i_g, i_b, o_d, m_d, o_s, m_s, m_ds, block, A = _block(A_ptr, Dm, G, NS, BD, BN)
-    bias = _bias(bias_ptr, o_d, m_d, BD, HAS_BIAS)
     slot, seq, start, stop, tile0 = _span(
         cu_ptr, tile_first_ptr, seg_seq_ptr, seg_idx_ptr, SEG, BT, SEGMENTED
     )
@@ -287,10 +254,9 @@ def _fwd_kernel(
             tl.store(hc_ptr + (tile0 + c) * Dm * NS + block, h, mask=m_ds)
         rows = start + c * BT + tl.arange(0, BT)
         m_t = rows < stop
-        delta, u, Bt, Ct, a, b, _ = _chunk_inputs(
-            u_ptr, delta_ptr, B_ptr, C_ptr, A, bias, rows, m_t, o_d, m_d, o_s, m_s, i_g, Dm, G,
-            NS, HAS_BIAS, SOFTPLUS,
-        )  # fmt: skip
+        delta, u, Bt, Ct, a, b = _chunk_inputs(
+            u_ptr, delta_ptr, B_ptr, C_ptr, A, rows, m_t, o_d, m_d, o_s, m_s, i_g, Dm, G, NS
+        )
         a_cum, b_cum = tl.associative_scan((a, b), 0, _combine)
         states = a_cum * h[None, :, :] + b_cum
         y = tl.sum(states * Ct[:, None, :], axis=2)
@@ -304,14 +270,12 @@ def _fwd_kernel(
 # gradient after it: the gradient it sends to the state entering it, and the sum of its steps.
 @triton.jit
 def _bwd_segment_kernel(
-    delta_ptr, A_ptr, bias_ptr, C_ptr, dy_ptr, seg_carry_ptr, seg_dsum_ptr, cu_ptr,
-    tile_first_ptr, seg_seq_ptr, seg_idx_ptr,
+    delta_ptr, A_ptr, C_ptr, dy_ptr, seg_carry_ptr, seg_dsum_ptr, cu_ptr, tile_first_ptr,
+    seg_seq_ptr, seg_idx_ptr,
     Dm, G, NS, SEG,
     BT: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
-    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
 ):  # fmt: skip
     i_g, i_b, o_d, m_d, o_s, m_s, m_ds, block, A = _block(A_ptr, Dm, G, NS, BD, BN)
-    bias = _bias(bias_ptr, o_d, m_d, BD, HAS_BIAS)
     slot, seq, start, stop, tile0 = _span(
         cu_ptr, tile_first_ptr, seg_seq_ptr, seg_idx_ptr, SEG, BT, True
     )
@@ -324,9 +288,9 @@ def _bwd_segment_kernel(
         rows = tile_start + o_t
         m_t = rows < stop
         # Only delta and C: this pass needs no decays but its first row's.
-        delta, _ = _step_sizes(
-            delta_ptr, rows[:, None] * Dm + o_d[None, :], m_t[:, None] & m_d[None, :], bias,
-            HAS_BIAS, SOFTPLUS,
+        delta = tl.load(
+            delta_ptr + rows[:, None] * Dm + o_d[None, :], mask=m_t[:, None] & m_d[None, :],
+            other=0.0,
         )  # fmt: skip
         Ct = tl.load(
             C_ptr + ((rows[:, None] * G + i_g) * NS + o_s[None, :]),
@@ -334,9 +298,8 @@ def _bwd_segment_kernel(
             other=0.0,
         ).to(tl.float32)
         dy, dh = _state_grads(
-            delta_ptr, dy_ptr, A, bias, Ct, rows, o_t, o_d, m_d, stop, tile_start, carry, Dm, BT,
-            HAS_BIAS, SOFTPLUS,
-        )  # fmt: skip
+            delta_ptr, dy_ptr, A, Ct, rows, o_t, o_d, m_d, stop, tile_start, carry, Dm, BT
+        )
         # The gradient sent to the state entering the tile: a_0 dh_0, of its first row.
         first = (o_t == 0)[:, None]
         delta_0 = tl.sum(tl.where(first, delta, 0.0), axis=0)
@@ -350,16 +313,15 @@ def _bwd_segment_kernel(
 # gradient (SEGMENTED: entered with the gradient the reverse segment pass found).
 @triton.jit
 def _bwd_kernel(
-    u_ptr, delta_ptr, A_ptr, bias_ptr, B_ptr, C_ptr, hc_ptr, dy_ptr, dht_ptr,
+    u_ptr, delta_ptr, gate_ptr, A_ptr, B_ptr, C_ptr, hc_ptr, dy_ptr, dht_ptr,
     du_ptr, ddelta_ptr, dA_part_ptr, dB_part_ptr, dC_part_ptr, dbias_part_ptr, dh0_ptr, cu_ptr,
     tile_first_ptr, seg_seq_ptr, seg_idx_ptr,
     R, Dm, G, NS, SEG,
     BT: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
     HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, SEGMENTED: tl.constexpr,
-    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_GATE: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):  # fmt: skip
     i_g, i_b, o_d, m_d, o_s, m_s, m_ds, block, A = _block(A_ptr, Dm, G, NS, BD, BN)
-    bias = _bias(bias_ptr, o_d, m_d, BD, HAS_BIAS)
     slot, seq, start, stop, tile0 = _span(
         cu_ptr, tile_first_ptr, seg_seq_ptr, seg_idx_ptr, SEG, BT, SEGMENTED
     )
@@ -380,25 +342,23 @@ def _bwd_kernel(
         rows = tile_start + o_t
         m_t = rows < stop
         m_td = m_t[:, None] & m_d[None, :]
-        delta, u, Bt, Ct, a, b, delta_arg = _chunk_inputs(
-            u_ptr, delta_ptr, B_ptr, C_ptr, A, bias, rows, m_t, o_d, m_d, o_s, m_s, i_g, Dm, G,
-            NS, HAS_BIAS, SOFTPLUS,
-        )  # fmt: skip
+        delta, u, Bt, Ct, a, b = _chunk_inputs(
+            u_ptr, delta_ptr, B_ptr, C_ptr, A, rows, m_t, o_d, m_d, o_s, m_s, i_g, Dm, G, NS
+        )
         h_start = tl.load(hc_ptr + (tile0 + c) * Dm * NS + block, mask=m_ds, other=0.0)
         a_cum, b_cum = tl.associative_scan((a, b), 0, _combine)
         states = a_cum * h_start[None, :, :] + b_cum
         dy, dh = _state_grads(
-            delta_ptr, dy_ptr, A, bias, Ct, rows, o_t, o_d, m_d, stop, tile_start, carry, Dm, BT,
-            HAS_BIAS, SOFTPLUS,
-        )  # fmt: skip
+            delta_ptr, dy_ptr, A, Ct, rows, o_t, o_d, m_d, stop, tile_start, carry, Dm, BT
+        )
 
         decayed_prev = states - b  # a_t h_{t-1}
         du = delta * tl.sum(dh * Bt[:, None, :], axis=2)
         ddelta = tl.sum(dh * (decayed_prev * A[None] + Bt[:, None, :] * u[:, :, None]), axis=2)
-        if SOFTPLUS:  # the gradient of the raw step (+ bias): softplus' = sigmoid
-            ddelta *= tl.sigmoid(delta_arg)
         dA += tl.sum(dh * decayed_prev * delta[:, :, None], axis=0)
         offsets = rows[:, None] * Dm + o_d[None, :]
+        if HAS_GATE:  # the gradient of the raw step (+ bias): softplus' = sigmoid, given
+            ddelta *= tl.load(gate_ptr + offsets, mask=m_td, other=0.0)
         # In the inputs' dtypes; the bias's gradient sums the fp32 values first.
         tl.store(du_ptr + offsets, du.to(du_ptr.dtype.element_ty), mask=m_td)
         tl.store(ddelta_ptr + offsets, ddelta.to(ddelta_ptr.dtype.element_ty), mask=m_td)
@@ -422,34 +382,51 @@ def _bwd_kernel(
 PASS_BLOCK = 256  # (channel, state) pairs per program of the segment pass
 
 
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    """Multiprocessors of CUDA device `device_index`."""
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _segment_length(programs: int, per_sm: int, rows: int, num_seqs: int, device, BT: int):
+def _segment_length(programs: int, per_sm, rows: int, num_seqs: int, device, BT: int):
     """Rows per segment for a launch of `programs` (channel blocks x sequences), or None: one
     program walks each whole sequence.
 
     Each program walks its rows tile after tile, a chain of dependent steps, so a launch with
-    fewer programs than the GPU holds at once (`per_sm` per multiprocessor, set by the kernel's
-    registers) leaves it idle however long the sequences are. Segments of at least
-    MIN_SEGMENT rows, as many per sequence as still fit in one wave, make the launch that many
-    times wider, for the price of a first pass over each segment from a zero state and a
-    sequential pass over segment boundaries. None on CPU, and wherever the launch already
-    fills the GPU or the sequences are too short to cut. The rule is a model of occupancy;
-    `benchmarks/selective_scan_launch_gpu.py --segments rule whole` times it against no
-    segments.
+    fewer programs than the GPU holds at once (`per_sm()` per multiprocessor, read from the
+    compiled kernel's registers: `resident_programs`) leaves it idle however long the
+    sequences are. Segments of at least MIN_SEGMENT rows, as many per sequence as still fit
+    in one wave, make the launch that many times wider, for the price of a first pass over
+    each segment from a zero state and a sequential pass over segment boundaries. None on CPU,
+    and wherever the launch already fills the GPU or the sequences are too short to cut. The
+    length is a multiple of 16 rows (and of BT), like the MIN_SEGMENT that `per_sm` compiles
+    with: the launch then finds that binary. `benchmarks/selective_scan_launch_gpu.py
+    --segments rule whole` times the rule against no segments.
     """
     if device.type != "cuda" or num_seqs == 0 or programs == 0:
         return None
-    per_seq = _sm_count(device.index or 0) * per_sm // programs
     mean_length = rows // num_seqs
-    if per_seq < 2 or mean_length < 2 * MIN_SEGMENT:
+    if mean_length < 2 * MIN_SEGMENT:
         return None
-    length = max(MIN_SEGMENT, triton.cdiv(triton.cdiv(mean_length, per_seq), BT) * BT)
+    per_seq = sm_count(device) * per_sm() // programs
+    if per_seq < 2:
+        return None
+    step = max(BT, 16)
+    length = max(MIN_SEGMENT, triton.cdiv(triton.cdiv(mean_length, per_seq), step) * step)
     return length if length < mean_length else None
+
+
+def _step_sizes(delta, bias, softplus: bool, gate: bool = False):
+    """(step, sigmoid): the step softplus(delta + bias) `[R, Dm]` fp32, each part as asked,
+    and, with `gate` and softplus, softplus' derivative sigmoid(delta + bias) (else None).
+
+    Plain torch, elementwise, before the scan kernels rather than inside them: their tiles
+    hold a [BT, BD] value in every one of the BN lanes that share its (token, channel), so
+    each would compute softplus and sigmoid BN times over. Inside, at N=16 (H200, bf16, B=2,
+    T=8192, Dm=1536), they cost the forward 30 registers a thread on Triton 3.6 (5 programs a
+    multiprocessor instead of 8) and took forward + backward from about 11 to 14 ms. Nothing
+    here is kept for the backward, which computes it again from delta.
+    """
+    x = delta.float()
+    if bias is not None:
+        x = x + bias.float()
+    if not softplus:
+        return x.contiguous(), None
+    return F.softplus(x), (torch.sigmoid(x) if gate else None)
 
 
 class SelectiveScanFunction(torch.autograd.Function):
@@ -470,16 +447,23 @@ class SelectiveScanFunction(torch.autograd.Function):
         y = torch.empty(R, Dm, **f32)
         hc = torch.empty(tiles.bound, Dm, N, **f32) if store_tiles else y
         ht = torch.empty(tiles.num_seqs, Dm, N, **f32)
-        seg = _segment_length(blocks * tiles.num_seqs, FWD_PER_SM, R, tiles.num_seqs, u.device,
+        dt, _ = _step_sizes(delta, bias, softplus)
+        scan = {"Dm": Dm, "G": G, "NS": N, "num_warps": FWD_WARPS, **launch}
+
+        def per_sm():  # the segmented main pass, as it launches below (ht: any fp32 stand-in)
+            args = (u, dt, A, B, C, ht, y, hc, ht, cu, tiles.first, cu, cu)
+            return resident_programs(_fwd_kernel, args, {
+                **scan, "SEG": MIN_SEGMENT, "HAS_H0": False, "STORE_FINAL": False,
+                "STORE_TILES": store_tiles, "SEGMENTED": True,
+            }, u.device)  # fmt: skip
+
+        seg = _segment_length(blocks * tiles.num_seqs, per_sm, R, tiles.num_seqs, u.device,
                               launch["BT"])  # fmt: skip
-        step = {"HAS_BIAS": bias is not None, "SOFTPLUS": softplus}
-        scan = {"Dm": Dm, "G": G, "NS": N, "num_warps": FWD_WARPS, **launch, **step}
-        bias_arg = A if bias is None else bias  # read only with HAS_BIAS
         if seg is None:
             _fwd_kernel[(blocks, tiles.num_seqs)](
-                u, delta, A, bias_arg, B, C, u if h0 is None else h0, y, hc, ht, cu, tiles.first,
-                cu, cu, SEG=0, HAS_H0=h0 is not None, STORE_FINAL=output_final,
-                STORE_TILES=store_tiles, SEGMENTED=False, **scan,
+                u, dt, A, B, C, u if h0 is None else h0, y, hc, ht, cu, tiles.first, cu, cu,
+                SEG=0, HAS_H0=h0 is not None, STORE_FINAL=output_final, STORE_TILES=store_tiles,
+                SEGMENTED=False, **scan,
             )  # fmt: skip
         else:
             segs = ChunkTable(cu, R, fixed_length, seg)
@@ -487,7 +471,7 @@ class SelectiveScanFunction(torch.autograd.Function):
             entering = torch.empty(segs.bound, Dm, N, **f32)
             dsum = torch.empty(segs.bound, Dm, **f32)
             _fwd_segment_kernel[(blocks, segs.bound)](
-                u, delta, A, bias_arg, B, C, entering, dsum, *tables, SEG=seg, **scan
+                u, dt, A, B, C, entering, dsum, *tables, SEG=seg, **scan
             )
             _segment_pass_kernel[(triton.cdiv(Dm * N, PASS_BLOCK), tiles.num_seqs)](
                 A, entering, dsum, ht if h0 is None else h0, ht, cu, segs.first, Dm, N, seg,
@@ -495,7 +479,7 @@ class SelectiveScanFunction(torch.autograd.Function):
                 REVERSE=False,
             )  # fmt: skip
             _fwd_kernel[(blocks, segs.bound)](
-                u, delta, A, bias_arg, B, C, entering, y, hc, ht, *tables, SEG=seg, HAS_H0=False,
+                u, dt, A, B, C, entering, y, hc, ht, *tables, SEG=seg, HAS_H0=False,
                 STORE_FINAL=False, STORE_TILES=store_tiles, SEGMENTED=True, **scan,
             )  # fmt: skip
         ctx.save_for_backward(u, delta, A, B, C, h0, bias, cu, hc, tiles.first)
@@ -515,19 +499,29 @@ class SelectiveScanFunction(torch.autograd.Function):
         dh0 = torch.empty(ctx.num_seqs, Dm, N, **f32)
         dy = dy.float().contiguous()
         dht = None if dht is None else dht.float().contiguous()
-        seg = _segment_length(G * blocks * ctx.num_seqs, BWD_PER_SM, R, ctx.num_seqs, u.device,
+        dt, gate = _step_sizes(delta, bias, ctx.softplus, gate=True)
+        flags = {"HAS_GATE": gate is not None, "HAS_BIAS": bias is not None}
+        scan = {"Dm": Dm, "G": G, "NS": N, "num_warps": BWD_WARPS, **launch}
+        gate_arg = dt if gate is None else gate  # read only with HAS_GATE
+
+        def per_sm():  # the segmented main pass, as it launches below (dh0: any fp32 stand-in)
+            args = (u, dt, gate_arg, A, B, C, hc, dy, dh0, du, ddelta, dh0, dB_part, dC_part,
+                    dh0, dh0, cu, tile_first, cu, cu)  # fmt: skip
+            return resident_programs(_bwd_kernel, args, {
+                **scan, **flags, "R": R, "SEG": MIN_SEGMENT, "HAS_DHT": False,
+                "STORE_DH0": False, "SEGMENTED": True,
+            }, u.device)  # fmt: skip
+
+        seg = _segment_length(G * blocks * ctx.num_seqs, per_sm, R, ctx.num_seqs, u.device,
                               launch["BT"])  # fmt: skip
-        step = {"HAS_BIAS": bias is not None, "SOFTPLUS": ctx.softplus}
-        scan = {"Dm": Dm, "G": G, "NS": N, "num_warps": BWD_WARPS, **launch, **step}
-        bias_arg = A if bias is None else bias
         if seg is None:
             dA_part = torch.empty(ctx.num_seqs, Dm, N, **f32)
             dbias_part = torch.empty(ctx.num_seqs, Dm, **f32) if bias is not None else dA_part
             _bwd_kernel[(G * blocks, ctx.num_seqs)](
-                u, delta, A, bias_arg, B, C, hc, dy, hc if dht is None else dht,
+                u, dt, gate_arg, A, B, C, hc, dy, hc if dht is None else dht,
                 du, ddelta, dA_part, dB_part, dC_part, dbias_part, dh0, cu, tile_first, cu, cu,
                 R=R, SEG=0, HAS_DHT=dht is not None, STORE_DH0=h0 is not None, SEGMENTED=False,
-                **scan,
+                **scan, **flags,
             )  # fmt: skip
         else:
             segs = ChunkTable(cu, R, ctx.fixed_length, seg)
@@ -538,7 +532,7 @@ class SelectiveScanFunction(torch.autograd.Function):
             dbias_part = torch.empty(segs.bound, Dm, **f32) if bias is not None else dA_part
             first_pass = {**scan, **_launch(N, Dm // G), "num_warps": SEGMENT_WARPS}
             _bwd_segment_kernel[(G * triton.cdiv(Dm // G, first_pass["BD"]), segs.bound)](
-                delta, A, bias_arg, C, dy, carries, dsum, *tables, SEG=seg, **first_pass
+                dt, A, C, dy, carries, dsum, *tables, SEG=seg, **first_pass
             )
             _segment_pass_kernel[(triton.cdiv(Dm * N, PASS_BLOCK), ctx.num_seqs)](
                 A, carries, dsum, dh0 if dht is None else dht, dh0, cu, segs.first, Dm, N, seg,
@@ -546,9 +540,9 @@ class SelectiveScanFunction(torch.autograd.Function):
                 REVERSE=True,
             )  # fmt: skip
             _bwd_kernel[(G * blocks, segs.bound)](
-                u, delta, A, bias_arg, B, C, hc, dy, carries,
+                u, dt, gate_arg, A, B, C, hc, dy, carries,
                 du, ddelta, dA_part, dB_part, dC_part, dbias_part, dh0, *tables, R=R,
-                SEG=seg, HAS_DHT=False, STORE_DH0=False, SEGMENTED=True, **scan,
+                SEG=seg, HAS_DHT=False, STORE_DH0=False, SEGMENTED=True, **scan, **flags,
             )  # fmt: skip
         # Per slot (sequence or segment) sums of the raw step's gradient: the bias's.
         dbias = None if bias is None else dbias_part.sum(0).to(bias.dtype)
@@ -588,15 +582,16 @@ def selective_scan_triton(
 
 def _register_aot_specs() -> None:
     types = {
-        **{f"{n}_ptr": "*bf16" for n in ("u", "delta", "B", "C", "du", "ddelta")},
+        # delta_ptr is the step, fp32 (`_step_sizes`); ddelta is the raw step's dtype.
+        **{f"{n}_ptr": "*bf16" for n in ("u", "B", "C", "du", "ddelta")},
         **{f"{n}_ptr": "*i32" for n in ("cu", "tile_first", "seg_seq", "seg_idx", "seg_first")},
     }
     whole = {"SEGMENTED": False}
     segmented = {"SEGMENTED": True}
     for N in (4, 16):
-        # Mamba's call: delta's bias and softplus inside the kernels.
-        step = {"HAS_BIAS": True, "SOFTPLUS": True}
-        fwd, bwd = {**_launch(N, 1536), **step}, {**_launch(N, 1536, backward=True), **step}
+        # Mamba's call: delta's bias and softplus, whose gradient the backward finishes.
+        fwd = _launch(N, 1536)
+        bwd = {**_launch(N, 1536, backward=True), "HAS_GATE": True, "HAS_BIAS": True}
         for name, kernel, constexprs, num_warps in (
             ("fwd", _fwd_kernel, {**fwd, **whole, "HAS_H0": True, "STORE_FINAL": True,
                                   "STORE_TILES": True}, FWD_WARPS),
