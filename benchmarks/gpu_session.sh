@@ -17,7 +17,8 @@
 # kernels autotune for over a minute per script on a fresh machine, so leave them out of a
 # short lease. Python source trees and extension modules in .whl/src (e.g. mamba-ssm's sources,
 # whose SSD is Triton code, and its selective_scan_cuda built for the GPU machine's torch and
-# Python) go on PYTHONPATH.
+# Python) go on PYTHONPATH; objects in .whl/mss from `benchmarks/mamba_ssm_cuda.sh objects` are
+# linked into .whl/src first (about 40 s).
 #
 #     bash benchmarks/gpu_session.sh [STEP...]
 #
@@ -42,6 +43,12 @@ if ls .whl/*.whl >/dev/null 2>&1; then
         .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
 if [ -d .whl/src ]; then
+    export PYTHONPATH=$PYTHONPATH:$PWD/.whl/src
+fi
+# mamba-ssm's CUDA selective scan, from objects compiled elsewhere (benchmarks/mamba_ssm_cuda.sh).
+if ls .whl/mss/*.o >/dev/null 2>&1 && ! ls .whl/src/selective_scan_cuda*.so >/dev/null 2>&1; then
+    bash benchmarks/mamba_ssm_cuda.sh link .whl/mss .whl/src >"$OUT/mamba-ssm-link.log" 2>&1
+    echo "== mamba-ssm's selective_scan_cuda: link exit $?" && tail -n 1 "$OUT/mamba-ssm-link.log"
     export PYTHONPATH=$PYTHONPATH:$PWD/.whl/src
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv
