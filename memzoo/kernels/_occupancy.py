@@ -11,6 +11,7 @@ not written down.
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any
 
 import torch
@@ -72,9 +73,18 @@ def resident_programs(kernel: Any, args: tuple, kwargs: dict, device: torch.devi
     )
     if key not in _RESIDENT:
         compiled = kernel.warmup(*args, grid=(1,), **kwargs)
-        compiled._init_handles()  # loads the binary: its register count comes with it
-        shared = getattr(compiled.metadata, "shared", 0) or 0
-        _RESIDENT[key] = programs_per_sm(
-            compiled.n_regs, kwargs.get("num_warps", 4), shared, _limits(index)
-        )
+        try:
+            compiled._init_handles()  # loads the binary: its register count comes with it
+            registers = compiled.n_regs
+        except AttributeError as error:  # a Triton whose compiled kernels keep them elsewhere
+            warnings.warn(
+                f"cannot read the registers of {getattr(kernel, '__name__', kernel)} "
+                f"({error}); sizing its launch as for one program a multiprocessor",
+                stacklevel=2,
+            )
+            _RESIDENT[key] = 1
+        else:
+            shared = getattr(compiled.metadata, "shared", 0) or 0
+            num_warps = kwargs.get("num_warps", 4)
+            _RESIDENT[key] = programs_per_sm(registers, num_warps, shared, _limits(index))
     return _RESIDENT[key]

@@ -1,5 +1,7 @@
 """Programs a multiprocessor holds at once, from a compiled kernel's registers and shared memory."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -26,6 +28,31 @@ HOPPER = (65536, 2048, 228 * 1024, 132)
 )
 def test_programs_per_sm(registers, warps, shared, expected):
     assert programs_per_sm(registers, warps, shared, HOPPER) == expected
+
+
+def test_a_kernel_without_a_register_count_counts_as_one_program():
+    """Where a Triton's compiled kernel keeps no `n_regs`, the launch is sized as for one
+    program a multiprocessor (never more than one wave), with a warning, once per launch."""
+    calls = []
+
+    class Compiled:
+        metadata = SimpleNamespace(shared=0)
+
+        def _init_handles(self):
+            calls.append("loaded")
+
+    class Kernel:
+        params = []
+
+        def warmup(self, *args, grid, **kwargs):
+            return Compiled()
+
+    kernel = Kernel()
+    device = torch.device("cuda", 0)
+    with pytest.warns(UserWarning, match="cannot read the registers"):
+        assert resident_programs(kernel, (), {"num_warps": 4}, device) == 1
+    assert resident_programs(kernel, (), {"num_warps": 4}, device) == 1  # cached, no warning
+    assert calls == ["loaded"]
 
 
 @pytest.mark.gpu
