@@ -419,7 +419,8 @@ def _step_sizes(delta, bias, softplus: bool, gate: bool = False):
     each would compute softplus and sigmoid BN times over. Inside, at N=16 (H200, bf16, B=2,
     T=8192, Dm=1536), they cost the forward 30 registers a thread on Triton 3.6 (5 programs a
     multiprocessor instead of 8) and took forward + backward from about 11 to 14 ms. Nothing
-    here is kept for the backward, which computes it again from delta.
+    here is kept for the backward, which computes it again from delta: the price is transient
+    fp32 `[R, Dm]` buffers, one in the forward and two in the backward, freed as each returns.
     """
     x = delta.float()
     if bias is not None:
