@@ -14,9 +14,17 @@ import triton
 import triton.language as tl
 
 from memzoo.kernels._core import AotSpec, aot_signature, register_aot
-from memzoo.kernels.selective_scan.triton import _block, _softplus
+from memzoo.kernels.selective_scan.triton import _block
 
 STEP_WARPS = 4
+
+
+@triton.jit
+def _softplus(x):
+    """log(1 + e^x) as torch computes it: x itself above 20, and log1p's leading terms where
+    e^x is too small for 1 + e^x to hold it."""
+    e = tl.exp(tl.minimum(x, 20.0))
+    return tl.where(x > 20.0, x, tl.where(e < 1e-4, e - 0.5 * e * e, tl.log(1.0 + e)))
 
 
 def _step_launch(N: int, channels_per_group: int) -> dict:

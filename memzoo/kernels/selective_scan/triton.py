@@ -91,14 +91,6 @@ def _block(A_ptr, Dm, G, NS, BD: tl.constexpr, BN: tl.constexpr):
 
 
 @triton.jit
-def _softplus(x):
-    """log(1 + e^x) as torch computes it: x itself above 20, and log1p's leading terms where
-    e^x is too small for 1 + e^x to hold it."""
-    e = tl.exp(tl.minimum(x, 20.0))
-    return tl.where(x > 20.0, x, tl.where(e < 1e-4, e - 0.5 * e * e, tl.log(1.0 + e)))
-
-
-@triton.jit
 def _chunk_inputs(u_ptr, delta_ptr, B_ptr, C_ptr, A, rows, m_t, o_d, m_d, o_s, m_s, i_g, Dm, G,
                   NS):  # fmt: skip
     """delta, u [BT, BD]; B, C [BT, BN]; a, b [BT, BD, BN] of one chunk (fp32)."""

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from memzoo.kernels._core import AotSpec, aot_signature, register_aot
-from memzoo.kernels.selective_scan.triton import _softplus
+from memzoo.kernels.selective_scan.state_update_triton import _softplus
 
 STEP_WARPS = 4
 
