@@ -4,6 +4,7 @@ A batch is handled as packed rows with int32 offsets `cu` `[N + 1]` (a fixed-len
 cu = [0, T, 2T, ...]). Chunks of `size` rows never cross a sequence boundary. The table that
 maps a program to its (sequence, chunk) is built on the device, without host syncs: its
 length is a static upper bound and surplus entries have sequence -1 (`chunk_rows` masks them).
+A fixed-length batch's offsets and tables are made once per shape and device and shared.
 Imported only by Triton modules.
 """
 
