@@ -60,17 +60,21 @@ def _tables(cu: torch.Tensor, total: int, fixed_length: int | None, size: int) -
 # A table is about 20 small ops, each a kernel launch on a GPU, and a call builds several (the
 # selective scan's forward and backward three): at short lengths the launches cost as much as
 # the kernels. A run sees few shapes; the caches keep at most this many.
+# Made outside inference mode whatever the first caller's mode: an inference tensor cannot be
+# saved for a backward, and the kernels' autograd functions save cu and the tables.
 @functools.lru_cache(maxsize=256)
 def _fixed_length_tables(num_seqs: int, length: int, size: int, device: torch.device) -> tuple:
     """`_tables` of num_seqs sequences of `length` rows in chunks of `size`, made once."""
     cu = _fixed_offsets(num_seqs, length, device)
-    return _tables(cu, num_seqs * length, length, size)
+    with torch.inference_mode(False):
+        return _tables(cu, num_seqs * length, length, size)
 
 
 @functools.lru_cache(maxsize=256)
 def _fixed_offsets(num_seqs: int, length: int, device: torch.device) -> torch.Tensor:
     """int32 [0, T, 2T, ..., N T] on `device`, made once (read only)."""
-    return torch.arange(num_seqs + 1, dtype=torch.int32, device=device) * length
+    with torch.inference_mode(False):
+        return torch.arange(num_seqs + 1, dtype=torch.int32, device=device) * length
 
 
 def _capturing(device: torch.device) -> bool:

@@ -55,3 +55,13 @@ def test_a_fixed_length_table_is_made_once():
     with _CountOps() as ops:  # variable lengths are built on the device every call
         ChunkTable(cu_seqlens_from_lengths([40, 8]).to(TEST_DEVICE), 48, None, 8)
     assert ops.count > 0
+
+
+def test_tables_first_made_in_inference_mode_serve_autograd():
+    """A shape first seen under torch.inference_mode (an evaluation before training) leaves
+    normal tensors in the cache: the kernels' autograd functions save cu and the tables."""
+    with torch.inference_mode():
+        cu, _ = packed_offsets(5, 24, None, TEST_DEVICE)
+        table = ChunkTable(cu, 5 * 24, 24, 8)
+    assert not cu.is_inference()
+    assert not any(t.is_inference() for t in (table.first, table.seq, table.idx))
