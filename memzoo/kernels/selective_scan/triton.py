@@ -414,9 +414,8 @@ def _step_sizes(delta, bias, softplus: bool, gate: bool = False):
     here is kept for the backward, which computes it again from delta: the price is transient
     fp32 `[R, Dm]` buffers, one in the forward and two in the backward, freed as each returns.
     """
-    x = delta.float()
-    if bias is not None:
-        x = x + bias.float()
+    # One pass either way: a bf16 or fp16 delta plus an fp32 bias is computed and kept in fp32.
+    x = delta.float() if bias is None else delta + bias.float()
     if not softplus:
         return x.contiguous(), None
     return F.softplus(x), (torch.sigmoid(x) if gate else None)
