@@ -55,6 +55,14 @@ def programs_per_sm(registers: int, num_warps: int, shared: int, limits: tuple) 
 _RESIDENT: dict[tuple, int] = {}
 
 
+@functools.cache
+def _binary_options(kernel: Any) -> frozenset[str]:
+    """Launch keywords that pick `kernel`'s binary: its constexprs, warps and stages (worked
+    out once: `resident_programs` runs on every long scan call)."""
+    names = {p.name for p in kernel.params if p.is_constexpr}
+    return frozenset(names | {"num_warps", "num_stages"})
+
+
 def resident_programs(kernel: Any, args: tuple, kwargs: dict, device: torch.device) -> int:
     """Programs of `kernel`, compiled for the launch `kernel[grid](*args, **kwargs)` on CUDA
     device `device`, that one multiprocessor holds at once.
@@ -64,7 +72,7 @@ def resident_programs(kernel: Any, args: tuple, kwargs: dict, device: torch.devi
     arguments only specialise the binary on divisibility, which moves its registers little.
     """
     index = device.index if device.index is not None else torch.cuda.current_device()
-    constexprs = {p.name for p in kernel.params if p.is_constexpr} | {"num_warps", "num_stages"}
+    constexprs = _binary_options(kernel)
     key = (
         kernel,
         index,
