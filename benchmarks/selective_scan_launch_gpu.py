@@ -1,20 +1,23 @@
 """Pick the Triton selective scan's launch shape on a GPU: tile sizes, warps and segments, timed.
 
-Each variant (BT tokens x BD channels per tile, forward warps, backward warps) and segmenting
-(`rule`: the launcher's own `_segment_length`; `whole`: one program per sequence and channel
-block; a number: segments of that many rows) is first checked against the fp64 torch reference
-(fp32 inputs, forward and every gradient), then timed forward and forward+backward in bf16 at
-Mamba's shape (Dm=1536, N=16, softplus, D, z). Writes
+Each variant (BT tokens x BD channels per tile, forward warps, backward warps), form of the
+backward's main pass (`tiles`, or `looped` with the tile shapes of --looped: its own BT x BD
+and warps) and segmenting (`rule`: the launcher's own `_segment_length`; `whole`: one program
+per sequence and channel block; a number: segments of that many rows) is first checked against
+the fp64 torch reference (fp32 inputs, forward and every gradient), then timed forward and
+forward+backward in bf16 at Mamba's shape (Dm=1536, N=16, softplus, D, z). Writes
 benchmarks/results/selective_scan_launch-<gpu>.md.
 
     python benchmarks/selective_scan_launch_gpu.py [--batch 2] [--lengths 8192]
         [--variants 8,16,4,8 8,32,4,8] [--segments rule whole 1024]
+        [--backward tiles looped] [--looped 32,4,4 32,8,8]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 from unittest import mock
 
 import torch
@@ -30,16 +33,20 @@ VARIANTS = [(8, 16, 4, 8), (8, 32, 4, 8), (4, 64, 8, 8), (2, 128, 8, 8)]
 SHIPPED = "shipped"
 
 
-def _patched(variant, segments="rule"):
-    """Context manager that makes the kernels launch with `variant` and `segments`."""
+def _patched(variant, segments="rule", backward="tiles"):
+    """Context manager that makes the kernels launch with `variant`, `segments` and the
+    backward form `backward`: "tiles", or (BT, BD, warps) of the looped form."""
     patches = {}
+    if backward != "tiles":
+        BT, BD, warps = backward
+        patches.update(BACKWARD="looped", LOOPED_BT=BT, LOOPED_BD=BD, LOOPED_WARPS=warps)
     if variant != SHIPPED:
         BT, BD, fwd_warps, bwd_warps = variant
 
         def launch(N, channels_per_group, backward=False):
             return {"BT": BT, "BD": BD, "BN": max(2, 1 << (N - 1).bit_length())}
 
-        patches = {"_launch": launch, "FWD_WARPS": fwd_warps, "BWD_WARPS": bwd_warps}
+        patches.update(_launch=launch, FWD_WARPS=fwd_warps, BWD_WARPS=bwd_warps)
     if segments != "rule":
         rows = None if segments == "whole" else int(segments)
         tile = 8 if variant == SHIPPED else variant[0]
@@ -75,12 +82,12 @@ def _forward_backward(inputs, backend, cotangent=None):
     return y, {n: t.grad for n, t in leaves.items()}, cotangent
 
 
-def worst_error(variant, segments) -> float:
+def worst_error(variant, segments, backward) -> float:
     """Largest relative RMSE over y and every gradient, fp32 kernel vs fp64 reference."""
     inputs = _inputs(2, 333, 200, 16, torch.float32, seed=0)
     if segments != "whole":
         segments = "96"  # short inputs: the segmented path, 4 segments a sequence
-    with _patched(variant, segments):
+    with _patched(variant, segments, backward):
         y, grads, cot = _forward_backward(inputs, "triton")
     ref_inputs = {n: t.double() for n, t in inputs.items()}
     y_ref, grads_ref, _ = _forward_backward(ref_inputs, "torch", cot)
@@ -88,7 +95,7 @@ def worst_error(variant, segments) -> float:
     return max(errors)
 
 
-def timings(variant, segments, batch, T) -> tuple[float, float]:
+def timings(variant, segments, backward, batch, T) -> tuple[float, float]:
     inputs = _inputs(batch, T, 1536, 16, torch.bfloat16, seed=1)
     leaves = {n: t.clone().requires_grad_() for n, t in inputs.items()}
 
@@ -98,7 +105,7 @@ def timings(variant, segments, batch, T) -> tuple[float, float]:
             delta_bias=t["delta_bias"], delta_softplus=True, backend="triton",
         )[0]  # fmt: skip
 
-    with _patched(variant, segments):
+    with _patched(variant, segments, backward):
         fwd = cuda_time_ms(lambda: forward(inputs), repeats=10)
         both = cuda_time_ms(lambda: forward(leaves).float().sum().backward(), repeats=10)
     return fwd, both
@@ -118,6 +125,17 @@ def main() -> None:
         "multiple of every variant's BT)",
     )  # fmt: skip
     parser.add_argument(
+        "--backward", nargs="+", choices=["tiles", "looped"], default=["tiles"],
+        help="forms of the backward's main pass to time",
+    )  # fmt: skip
+    parser.add_argument(
+        "--looped", nargs="+", default=[
+            ",".join(map(str, (scan_triton.LOOPED_BT, scan_triton.LOOPED_BD,
+                               scan_triton.LOOPED_WARPS)))
+        ],
+        help="BT,BD,warps of the looped backward (e.g. 32,4,4)",
+    )  # fmt: skip
+    parser.add_argument(
         "--name", default="selective_scan_launch", help="results/<name>-<gpu>.md is written"
     )
     args = parser.parse_args()
@@ -134,31 +152,35 @@ def main() -> None:
         f"choice; torch {torch.__version__}. Reproduce: `python "
         "benchmarks/selective_scan_launch_gpu.py "
         f"--batch {args.batch} --lengths {' '.join(map(str, args.lengths))} "
-        f"--variants {' '.join(args.variants)} --segments {' '.join(args.segments)}`.",
+        f"--variants {' '.join(args.variants)} --segments {' '.join(args.segments)} "
+        f"--backward {' '.join(args.backward)} --looped {' '.join(args.looped)}`. The backward "
+        "column: `tiles`, or `looped BTxBD/warps` (the variant's BT and BD then set the forward "
+        "alone).",
         "",
-        "| BT | BD | warps fwd/bwd | segments | error | T | fwd (ms) | fwd+bwd (ms) |",
-        "|---:|---:|---|---|---:|---:|---:|---:|",
+        "| BT | BD | warps fwd/bwd | backward | segments | error | T | fwd (ms) | fwd+bwd (ms) |",
+        "|---:|---:|---|---|---|---:|---:|---:|---:|",
     ]
     variants = [v if v == SHIPPED else tuple(int(x) for x in v.split(",")) for v in args.variants]
-    for variant in variants:
+    looped = [tuple(int(x) for x in shape.split(",")) for shape in args.looped]
+    backwards = (["tiles"] if "tiles" in args.backward else []) + (
+        looped if "looped" in args.backward else []
+    )
+    for variant, backward, segments in itertools.product(variants, backwards, args.segments):
         BT, BD, fw, bw = ("8", "16/32", "4", "8") if variant == SHIPPED else variant
-        for segments in args.segments:
-            try:
-                error = worst_error(variant, segments)
-            except Exception as exc:  # a variant that fails to compile is a row, not a crash
-                print(f"BT={BT} BD={BD} {segments}: {type(exc).__name__}: {exc}", flush=True)
-                failed = f"failed: {type(exc).__name__}"
-                lines.append(f"| {BT} | {BD} | {fw}/{bw} | {segments} | {failed} | | | |")
-                continue
-            for T in args.lengths:
-                fwd, both = timings(variant, segments, args.batch, T)
-                print(f"BT={BT:>2} BD={BD:>4} warps {fw}/{bw} segments {segments:>5} "
-                      f"err {error:.1e} T={T:>6} fwd {fwd:8.3f} ms fwd+bwd {both:8.3f} ms",
-                      flush=True)  # fmt: skip
-                lines.append(
-                    f"| {BT} | {BD} | {fw}/{bw} | {segments} | {error:.1e} | {T} | {fwd:.3f} "
-                    f"| {both:.3f} |"
-                )
+        form = backward if backward == "tiles" else "looped {}x{}/{}".format(*backward)
+        row = f"| {BT} | {BD} | {fw}/{bw} | {form} | {segments} |"
+        try:
+            error = worst_error(variant, segments, backward)
+        except Exception as exc:  # a variant that fails to compile is a row, not a crash
+            print(f"BT={BT} BD={BD} {form} {segments}: {type(exc).__name__}: {exc}", flush=True)
+            lines.append(f"{row} failed: {type(exc).__name__} | | | |")
+            continue
+        for T in args.lengths:
+            fwd, both = timings(variant, segments, backward, args.batch, T)
+            print(f"BT={BT:>2} BD={BD:>4} warps {fw}/{bw} {form} segments {segments:>5} "
+                  f"err {error:.1e} T={T:>6} fwd {fwd:8.3f} ms fwd+bwd {both:8.3f} ms",
+                  flush=True)  # fmt: skip
+            lines.append(f"{row} {error:.1e} | {T} | {fwd:.3f} | {both:.3f} |")
     print(f"wrote {write_result(f'{args.name}-{slug(device)}.md', lines)}")
 
 

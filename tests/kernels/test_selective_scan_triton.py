@@ -77,8 +77,17 @@ CASES = [
 ]
 
 
+@pytest.fixture(params=["tiles", "looped"])
+def backward(request, monkeypatch):
+    """Each form of the backward's main pass (`BACKWARD`): tiles of (token, channel, state),
+    or the states looped over tiles of (token, channel)."""
+    scan = pytest.importorskip("memzoo.kernels.selective_scan.triton")
+    monkeypatch.setattr(scan, "BACKWARD", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("T,Dm,N,G,options,softplus", CASES)
-def test_forward_and_gradients_fp32(T, Dm, N, G, options, softplus):
+def test_forward_and_gradients_fp32(backward, T, Dm, N, G, options, softplus):
     inputs = make_inputs(2 if T < 100 else 1, T, Dm, N, G, seed=T + Dm, options=options)
     if not softplus:  # the step size must then be >= 0 by itself, as Mamba's always is
         for name in ("delta", "delta_bias"):
@@ -107,7 +116,7 @@ def test_softplus_over_its_whole_range(bias):
 
 
 @pytest.mark.parametrize("decay", [(10.0, 40.0), (1e-4, 2e-4)], ids=["strong", "tiny"])
-def test_extreme_decay_stays_accurate(decay):
+def test_extreme_decay_stays_accurate(backward, decay):
     """delta |A| up to ~20 per step (delta ~ 0.5) and down to ~1e-4."""
     inputs = make_inputs(1, 40, 12, 4, 1, seed=8, options=False, decay=decay)
     inputs["delta"] = inputs["delta"].abs() + 0.05
@@ -117,7 +126,7 @@ def test_extreme_decay_stays_accurate(decay):
     check(inputs, softplus=False)
 
 
-def test_varlen_equals_per_sequence():
+def test_varlen_equals_per_sequence(backward):
     lengths = [1, 20, 0, 9]
     inputs = make_inputs(1, sum(lengths), 20, 4, 2, seed=4, num_states=len(lengths))
     cu = cu_seqlens_from_lengths(lengths)
@@ -160,25 +169,30 @@ def force_segments(monkeypatch, scan_triton, length):
 
 
 @pytest.mark.parametrize(
-    "T,segment,options,Dm,N,G",
-    [(63, 8, True, 20, 4, 2), (100, 24, False, 20, 4, 2), (17, 16, True, 20, 4, 2),
-     (40, 16, True, 40, 16, 1)],
-    ids=["T63-seg8", "T100-seg24", "T17-seg16-last-segment-short",
-         "T40-seg16-Dm40-N16-first-pass-narrower-blocks"],
+    "form,T,segment,options,Dm,N,G",
+    [("tiles", 63, 8, True, 20, 4, 2), ("tiles", 100, 24, False, 20, 4, 2),
+     ("tiles", 17, 16, True, 20, 4, 2), ("tiles", 40, 16, True, 40, 16, 1),
+     ("looped", 63, 8, True, 20, 4, 2), ("looped", 100, 40, False, 20, 4, 2),
+     ("looped", 40, 16, True, 8, 16, 1)],
+    ids=["tiles-T63-seg8", "tiles-T100-seg24", "tiles-T17-seg16-last-segment-short",
+         "tiles-T40-seg16-Dm40-N16-first-pass-narrower-blocks", "looped-T63-seg8",
+         "looped-T100-seg40-a-tile-and-a-part", "looped-T40-seg16-N16-segments-inside-a-tile"],
 )  # fmt: skip
 def test_segmented_launch_forward_and_gradients(
-    monkeypatch, scan_triton, T, segment, options, Dm, N, G
+    monkeypatch, scan_triton, form, T, segment, options, Dm, N, G
 ):
     """Segments scanned side by side, joined by the segment passes, equal the fp64 reference:
     y, final state and every gradient (dinitial_state from the reverse pass). At N=16 and 40
-    channels the backward's first pass over segments walks blocks of 16 channels, its main
-    pass blocks of 32."""
+    channels the tiled backward's first pass over segments walks blocks of 16 channels, its
+    main pass blocks of 32; the looped backward's tiles of 32 rows start at every segment's
+    start and stop at its end (segments of 40 rows: a whole tile and 8 rows of the next)."""
+    monkeypatch.setattr(scan_triton, "BACKWARD", form)
     force_segments(monkeypatch, scan_triton, segment)
     inputs = make_inputs(2, T, Dm, N, G, seed=T, options=options)
     check(inputs, softplus=True)
 
 
-def test_segmented_varlen_equals_whole_sequences(monkeypatch, scan_triton):
+def test_segmented_varlen_equals_whole_sequences(monkeypatch, scan_triton, backward):
     """Packed sequences of every kind of length (empty, shorter than a segment, several
     segments with a short last one) give what the unsegmented launch gives."""
     lengths = [1, 20, 0, 9, 33]
@@ -332,7 +346,7 @@ def test_cuda_half_precision(dtype):
 
 
 @pytest.mark.gpu
-def test_cuda_segmented_by_the_rule_fp32(scan_triton):
+def test_cuda_segmented_by_the_rule_fp32(scan_triton, backward):
     """One long, narrow sequence, which the launcher cuts into segments on any GPU: fp32
     forward and every gradient against the fp64 reference."""
     T, Dm = 3000, 64
@@ -342,3 +356,22 @@ def test_cuda_segmented_by_the_rule_fp32(scan_triton):
         assert scan_triton._segment_length(programs, lambda: 1, T, 1, device, 8) is not None
     inputs = {n: t.cuda() for n, t in make_inputs(1, T, Dm, 16, 1, seed=2).items()}
     check(inputs, softplus=True)
+
+
+def test_unknown_backward_form_is_a_clear_error(monkeypatch, scan_triton):
+    monkeypatch.setattr(scan_triton, "BACKWARD", "fused")
+    with pytest.raises(ValueError, match="BACKWARD must be 'tiles' or 'looped', got 'fused'"):
+        scan_triton._backward_launch(16, 64)
+
+
+@pytest.mark.gpu
+def test_cuda_backward_forms_agree_in_bf16(monkeypatch, scan_triton):
+    """At a Mamba block's shape in bf16, the looped backward's gradients (dB and dC summed by
+    atomic adds) equal the tiled one's to bf16's rounding."""
+    inputs = {n: t.cuda() for n, t in make_inputs(2, 1500, 512, 16, 1, seed=3).items()}
+    grads = {}
+    for form in ("tiles", "looped"):
+        monkeypatch.setattr(scan_triton, "BACKWARD", form)
+        grads[form] = run(inputs, torch.bfloat16, softplus=True, backend="triton")[2]
+    for name, tiled in grads["tiles"].items():
+        assert_close(f"d{name}", tiled.double(), grads["looped"][name].double(), 1e-2)

@@ -15,11 +15,14 @@ reverse (segmented the same way):
     dh_t = dy_t C_t + a_{t+1} dh_{t+1}     (a reverse associative scan; dh_T seeded by dS_T)
     du_t = delta_t sum_n dh_t B_t,   ddelta_t = sum_n dh_t (a_t h_{t-1} A + B_t u_t)
     dA = sum_t dh_t a_t h_{t-1} delta_t,  dB_t = sum_d dh_t delta_t u_t,  dC_t = sum_d dy_t h_t
-where a_t h_{t-1} = h_t - b_t, so h_{t-1} itself is never needed. delta's bias and softplus
-run before the kernels, in torch, each way (`_step_sizes`): the forward keeps none of it, and
-the backward's kernel turns ddelta into the gradient of the raw step with softplus'
-derivative, sigmoid, writing it in the raw step's dtype. The D skip and the z gate run after
-the scan, in one kernel each way (`gate_triton.py`).
+where a_t h_{t-1} = h_t - b_t, so h_{t-1} itself is never needed. The backward's main pass
+comes in two forms (`BACKWARD`): the tiles above, or the states looped one by one over tiles of
+(token, channel) in channel-major copies, as mamba-ssm's CUDA kernel does (`_bwd_looped_kernel`;
+not yet timed on a GPU, so not the default). delta's bias and softplus run before the kernels,
+in torch, each way (`_step_sizes`): the forward keeps none of it, and the backward's kernel
+turns ddelta into the gradient of the raw step with softplus' derivative, sigmoid, writing it
+in the raw step's dtype. The D skip and the z gate run after the scan, in one kernel each way
+(`gate_triton.py`).
 """
 
 from __future__ import annotations
@@ -52,6 +55,34 @@ def _launch(N: int, channels_per_group: int, *, backward: bool = False) -> dict:
 
 # The backward holds about three times the forward's tiles: 8 warps keep it from spilling.
 FWD_WARPS, BWD_WARPS = 4, 8
+
+# The backward's main pass: "tiles", `_bwd_kernel` ([BT, BD, BN] tiles, BWD_WARPS), or
+# "looped", `_bwd_looped_kernel` ([LOOPED_BT, LOOPED_BD] tiles, the states one by one,
+# LOOPED_WARPS). `benchmarks/selective_scan_launch_gpu.py --backward tiles looped` times both.
+BACKWARD = "tiles"
+LOOPED_BT, LOOPED_BD, LOOPED_WARPS = 32, 4, 4
+
+
+def _backward_launch(N: int, channels_per_group: int):
+    """(kernel, block sizes, warps) of the backward's main pass, as `BACKWARD` picks."""
+    if BACKWARD == "tiles":
+        return _bwd_kernel, _launch(N, channels_per_group, backward=True), BWD_WARPS
+    if BACKWARD != "looped":
+        raise ValueError(f"BACKWARD must be 'tiles' or 'looped', got {BACKWARD!r}")
+    return _bwd_looped_kernel, _looped_launch(N, channels_per_group), LOOPED_WARPS
+
+
+def _looped_launch(N: int, channels_per_group: int) -> dict:
+    """Block sizes of `_bwd_looped_kernel`: BT tokens x BD channels, BN >= N carries, and the
+    forward's tile length STORED_BT, whose stored states it reads (BT is a multiple of it)."""
+    return {
+        "BT": LOOPED_BT,
+        "BD": max(2, min(triton.next_power_of_2(channels_per_group), LOOPED_BD)),
+        "BN": max(2, triton.next_power_of_2(N)),
+        "STORED_BT": _launch(N, channels_per_group)["BT"],
+    }
+
+
 # The backward's first pass over segments holds no states, only the gradients' reverse scan: it
 # takes the forward's tiles at 4 warps (80-150 registers; the backward's tiles spill there).
 SEGMENT_WARPS = 4
@@ -371,6 +402,112 @@ def _bwd_kernel(
         tl.store(dh0_ptr + seq * Dm * NS + block, carry, mask=m_ds)
 
 
+# The same backward with the states looped, on channel-major copies of its [R, Dm] inputs and
+# outputs (`[Dm, R]`: time is the contiguous axis). One program takes [BT, BD] tiles of (token,
+# channel), whose BT tokens run along a warp's threads, and visits the NS states one after
+# another, each with its own scans over the tile's tokens, as mamba-ssm's CUDA kernel does. No
+# tensor holds a state axis but the [BD, BN] carries, and du and ddelta sum over the states in
+# place. The state entering each tile is the forward's, read every BT / STORED_BT stored tiles.
+# Its tiles are narrow, so dB and dC `[G, NS, R]` (fp32, zeroed) take every channel block's sum
+# by atomic adds, where `_bwd_kernel` writes a partial per block: their order, and so their last
+# bits, may differ from run to run.
+@triton.jit
+def _bwd_looped_kernel(
+    u_ptr, delta_ptr, gate_ptr, A_ptr, B_ptr, C_ptr, hc_ptr, dy_ptr, dht_ptr,
+    du_ptr, ddelta_ptr, dA_part_ptr, dB_ptr, dC_ptr, dbias_part_ptr, dh0_ptr, cu_ptr,
+    tile_first_ptr, seg_seq_ptr, seg_idx_ptr,
+    R, Dm, G, NS, SEG,
+    BT: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, STORED_BT: tl.constexpr,
+    HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, SEGMENTED: tl.constexpr,
+    HAS_GATE: tl.constexpr, HAS_BIAS: tl.constexpr,
+):  # fmt: skip
+    i_g, i_b, o_d, m_d = _channels(Dm, G, BD)
+    o_s = tl.arange(0, BN)
+    m_ds = m_d[:, None] & (o_s < NS)[None, :]
+    block = o_d[:, None] * NS + o_s[None, :]
+    # tile0 counts the forward's stored tiles of STORED_BT rows.
+    slot, seq, start, stop, tile0 = _span(
+        cu_ptr, tile_first_ptr, seg_seq_ptr, seg_idx_ptr, SEG, STORED_BT, SEGMENTED
+    )
+    o_t = tl.arange(0, BT)
+    channel_rows = o_d.to(tl.int64)[None, :] * R
+
+    # `carry[:, n]` is the gradient flowing into the tile's last row from after it.
+    carry = tl.zeros([BD, BN], dtype=tl.float32)
+    if SEGMENTED:
+        carry += tl.load(dht_ptr + slot * Dm * NS + block, mask=m_ds & (stop > start), other=0.0)
+    elif HAS_DHT:
+        carry += tl.load(dht_ptr + seq * Dm * NS + block, mask=m_ds, other=0.0)
+    dA = tl.zeros([BD, BN], dtype=tl.float32)
+    dbias = tl.zeros([BD], dtype=tl.float32)
+    num_tiles = tl.cdiv(stop - start, BT)
+    for j in range(0, num_tiles):
+        c = num_tiles - 1 - j
+        tile_start = start + c * BT
+        rows = tile_start + o_t
+        m_t = rows < stop
+        m_td = m_t[:, None] & m_d[None, :]
+        offsets = channel_rows + rows[:, None]
+        # Masked rows and channels: delta = 0, so a = 1 and b = 0, and dy = 0.
+        delta = tl.load(delta_ptr + offsets, mask=m_td, other=0.0)
+        u = tl.load(u_ptr + offsets, mask=m_td, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + offsets, mask=m_td, other=0.0)
+        # a_{t+1} inside the tile; 0 at its last row, whose successor arrives as `carry`.
+        has_next = (o_t < BT - 1) & (rows + 1 < stop)
+        delta_next = tl.load(
+            delta_ptr + offsets + 1, mask=has_next[:, None] & m_d[None, :], other=0.0
+        )
+        is_last = (o_t == tl.minimum(stop - tile_start, BT) - 1)[:, None]
+        is_first = (o_t == 0)[:, None]
+        x = delta * u
+        du = tl.zeros([BT, BD], dtype=tl.float32)
+        ddelta = tl.zeros([BT, BD], dtype=tl.float32)
+        carry_in = tl.zeros([BD, BN], dtype=tl.float32)
+        state_rows = (rows * G + i_g) * NS
+        h_tile = hc_ptr + (tile0 + c * (BT // STORED_BT)) * Dm * NS + o_d * NS
+        part = i_g * NS * R + rows
+        for n in range(0, NS):
+            is_n = (o_s == n)[None, :]
+            A_n = tl.load(A_ptr + o_d * NS + n, mask=m_d, other=0.0).to(tl.float32)
+            B_n = tl.load(B_ptr + state_rows + n, mask=m_t, other=0.0).to(tl.float32)[:, None]
+            C_n = tl.load(C_ptr + state_rows + n, mask=m_t, other=0.0).to(tl.float32)[:, None]
+            h_start = tl.load(h_tile + n, mask=m_d, other=0.0)
+            a = tl.exp(delta * A_n[None, :])
+            b = x * B_n
+            a_cum, b_cum = tl.associative_scan((a, b), 0, _combine)
+            states = a_cum * h_start[None, :] + b_cum
+            # dh_t = dy_t C_t + a_{t+1} dh_{t+1}, seeded at the last row by the carry.
+            a_next = tl.where(has_next[:, None], tl.exp(delta_next * A_n[None, :]), 0.0)
+            carry_n = tl.sum(tl.where(is_n, carry, 0.0), axis=1)
+            inflow = dy * C_n + tl.where(is_last, carry_n[None, :], 0.0)
+            _, dh = tl.associative_scan((a_next, inflow), 0, _combine, reverse=True)
+
+            decayed_prev = states - b  # a_t h_{t-1}
+            du += dh * B_n
+            ddelta += dh * (decayed_prev * A_n[None, :] + B_n * u)
+            dA += tl.where(is_n, tl.sum(dh * decayed_prev * delta, axis=0)[:, None], 0.0)
+            tl.atomic_add(dB_ptr + part + n * R, tl.sum(dh * x, axis=1), mask=m_t, sem="relaxed")
+            tl.atomic_add(
+                dC_ptr + part + n * R, tl.sum(dy * states, axis=1), mask=m_t, sem="relaxed"
+            )
+            # The gradient sent to the state entering the tile: a_0 dh_0, of its first row.
+            sent = tl.sum(tl.where(is_first, a * dh, 0.0), axis=0)
+            carry_in = tl.where(is_n, sent[:, None], carry_in)
+        carry = carry_in
+        du *= delta
+        if HAS_GATE:  # the gradient of the raw step (+ bias): softplus' = sigmoid, given
+            ddelta *= tl.load(gate_ptr + offsets, mask=m_td, other=0.0)
+        tl.store(du_ptr + offsets, du.to(du_ptr.dtype.element_ty), mask=m_td)
+        tl.store(ddelta_ptr + offsets, ddelta.to(ddelta_ptr.dtype.element_ty), mask=m_td)
+        if HAS_BIAS:
+            dbias += tl.sum(tl.where(m_td, ddelta, 0.0), axis=0)
+    tl.store(dA_part_ptr + slot * Dm * NS + block, dA, mask=m_ds)
+    if HAS_BIAS:
+        tl.store(dbias_part_ptr + slot * Dm + o_d, dbias, mask=m_d)
+    if STORE_DH0:
+        tl.store(dh0_ptr + seq * Dm * NS + block, carry, mask=m_ds)
+
+
 PASS_BLOCK = 256  # (channel, state) pairs per program of the segment pass
 
 
@@ -483,23 +620,36 @@ class SelectiveScanFunction(torch.autograd.Function):
         u, delta, A, B, C, h0, bias, cu, hc, tile_first = ctx.saved_tensors
         R, Dm = u.shape
         G, N = B.shape[1], B.shape[2]
-        launch = _launch(N, Dm // G, backward=True)
+        kernel, launch, num_warps = _backward_launch(N, Dm // G)
+        looped = kernel is _bwd_looped_kernel
         blocks = triton.cdiv(Dm // G, launch["BD"])
         f32 = {"dtype": torch.float32, "device": u.device}
-        du, ddelta = torch.empty_like(u), torch.empty_like(delta)
-        dB_part, dC_part = torch.empty(blocks, R, G, N, **f32), torch.empty(blocks, R, G, N, **f32)
         dh0 = torch.empty(ctx.num_seqs, Dm, N, **f32)
-        dy = dy.float().contiguous()
         dht = None if dht is None else dht.float().contiguous()
-        dt, gate = _step_sizes(delta, bias, ctx.softplus, gate=True)
+        # The main pass's [R, Dm] tensors, and dB and dC: per channel block partials, or
+        # (looped) the sums that every block adds to.
+        if looped:
+            # Channel-major, [Dm, R]: one transposing pass each. The step sizes of a
+            # channel-major delta come out channel-major.
+            dt, gate = _step_sizes(delta.t().contiguous().t(), bias, ctx.softplus, gate=True)
+            u_, dt_ = u.t().contiguous(), dt.t().contiguous()
+            gate_ = dt_ if gate is None else gate.t().contiguous()  # read only with HAS_GATE
+            dy_ = torch.empty(Dm, R, **f32).copy_(dy.t())
+            du, ddelta = u.new_empty(Dm, R), delta.new_empty(Dm, R)
+            dB_part, dC_part = torch.zeros(1, G, N, R, **f32), torch.zeros(1, G, N, R, **f32)
+        else:
+            dt, gate = _step_sizes(delta, bias, ctx.softplus, gate=True)
+            dy = dy.float().contiguous()
+            u_, dt_, dy_, gate_ = u, dt, dy, dt if gate is None else gate
+            du, ddelta = torch.empty_like(u), torch.empty_like(delta)
+            dB_part, dC_part = (torch.empty(blocks, R, G, N, **f32) for _ in range(2))
         flags = {"HAS_GATE": gate is not None, "HAS_BIAS": bias is not None}
-        scan = {"Dm": Dm, "G": G, "NS": N, "num_warps": BWD_WARPS, **launch}
-        gate_arg = dt if gate is None else gate  # read only with HAS_GATE
+        scan = {"Dm": Dm, "G": G, "NS": N, "num_warps": num_warps, **launch}
 
         def per_sm():  # the segmented main pass, as it launches below (dh0: any fp32 stand-in)
-            args = (u, dt, gate_arg, A, B, C, hc, dy, dh0, du, ddelta, dh0, dB_part, dC_part,
+            args = (u_, dt_, gate_, A, B, C, hc, dy_, dh0, du, ddelta, dh0, dB_part, dC_part,
                     dh0, dh0, cu, tile_first, cu, cu)  # fmt: skip
-            return resident_programs(_bwd_kernel, args, {
+            return resident_programs(kernel, args, {
                 **scan, **flags, "R": R, "SEG": MIN_SEGMENT, "HAS_DHT": False,
                 "STORE_DH0": False, "SEGMENTED": True,
             }, u.device)  # fmt: skip
@@ -509,8 +659,8 @@ class SelectiveScanFunction(torch.autograd.Function):
         if seg is None:
             dA_part = torch.empty(ctx.num_seqs, Dm, N, **f32)
             dbias_part = torch.empty(ctx.num_seqs, Dm, **f32) if bias is not None else dA_part
-            _bwd_kernel[(G * blocks, ctx.num_seqs)](
-                u, dt, gate_arg, A, B, C, hc, dy, hc if dht is None else dht,
+            kernel[(G * blocks, ctx.num_seqs)](
+                u_, dt_, gate_, A, B, C, hc, dy_, hc if dht is None else dht,
                 du, ddelta, dA_part, dB_part, dC_part, dbias_part, dh0, cu, tile_first, cu, cu,
                 R=R, SEG=0, HAS_DHT=dht is not None, STORE_DH0=h0 is not None, SEGMENTED=False,
                 **scan, **flags,
@@ -522,25 +672,31 @@ class SelectiveScanFunction(torch.autograd.Function):
             dsum = torch.empty(segs.bound, Dm, **f32)
             dA_part = torch.empty(segs.bound, Dm, N, **f32)
             dbias_part = torch.empty(segs.bound, Dm, **f32) if bias is not None else dA_part
-            first_pass = {**scan, **_launch(N, Dm // G), "num_warps": SEGMENT_WARPS}
+            first_pass = {"Dm": Dm, "G": G, "NS": N, **_launch(N, Dm // G),
+                          "num_warps": SEGMENT_WARPS}  # fmt: skip
+            # Row-major step sizes and dy (for the tiled main pass, those it reads).
+            dt_rows, dy_rows = dt.contiguous(), dy.float().contiguous()
             _bwd_segment_kernel[(G * triton.cdiv(Dm // G, first_pass["BD"]), segs.bound)](
-                dt, A, C, dy, carries, dsum, *tables, SEG=seg, **first_pass
+                dt_rows, A, C, dy_rows, carries, dsum, *tables, SEG=seg, **first_pass
             )
             _segment_pass_kernel[(triton.cdiv(Dm * N, PASS_BLOCK), ctx.num_seqs)](
                 A, carries, dsum, dh0 if dht is None else dht, dh0, cu, segs.first, Dm, N, seg,
                 BLOCK=PASS_BLOCK, HAS_INIT=dht is not None, STORE_FINAL=h0 is not None,
                 REVERSE=True,
             )  # fmt: skip
-            _bwd_kernel[(G * blocks, segs.bound)](
-                u, dt, gate_arg, A, B, C, hc, dy, carries,
+            kernel[(G * blocks, segs.bound)](
+                u_, dt_, gate_, A, B, C, hc, dy_, carries,
                 du, ddelta, dA_part, dB_part, dC_part, dbias_part, dh0, *tables, R=R,
                 SEG=seg, HAS_DHT=False, STORE_DH0=False, SEGMENTED=True, **scan, **flags,
             )  # fmt: skip
         # Per slot (sequence or segment) sums of the raw step's gradient: the bias's.
         dbias = None if bias is None else dbias_part.sum(0).to(bias.dtype)
+        dB, dC = dB_part.sum(0), dC_part.sum(0)
+        if looped:  # back to [R, Dm] and [R, G, N]
+            du, ddelta = du.t().contiguous(), ddelta.t().contiguous()
+            dB, dC = dB.permute(2, 0, 1), dC.permute(2, 0, 1)
         return (
-            du, ddelta, dA_part.sum(0).to(A.dtype),
-            dB_part.sum(0).to(B.dtype), dC_part.sum(0).to(C.dtype),
+            du, ddelta, dA_part.sum(0).to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
             None if h0 is None else dh0, dbias, None, None, None, None, None,
         )  # fmt: skip
 
@@ -584,6 +740,7 @@ def _register_aot_specs() -> None:
         # Mamba's call: delta's bias and softplus, whose gradient the backward finishes.
         fwd = _launch(N, 1536)
         bwd = {**_launch(N, 1536, backward=True), "HAS_GATE": True, "HAS_BIAS": True}
+        looped = {**_looped_launch(N, 1536), "HAS_GATE": True, "HAS_BIAS": True}
         for name, kernel, constexprs, num_warps in (
             ("fwd", _fwd_kernel, {**fwd, **whole, "HAS_H0": True, "STORE_FINAL": True,
                                   "STORE_TILES": True}, FWD_WARPS),
@@ -594,6 +751,11 @@ def _register_aot_specs() -> None:
             ("bwd-segmented", _bwd_kernel, {**bwd, **segmented, "HAS_DHT": False,
                                             "STORE_DH0": False}, BWD_WARPS),
             ("bwd_segment", _bwd_segment_kernel, fwd, SEGMENT_WARPS),
+            ("bwd_looped", _bwd_looped_kernel, {**looped, **whole, "HAS_DHT": True,
+                                                "STORE_DH0": True}, LOOPED_WARPS),
+            ("bwd_looped-segmented", _bwd_looped_kernel, {**looped, **segmented,
+                                                          "HAS_DHT": False, "STORE_DH0": False},
+             LOOPED_WARPS),
         ):  # fmt: skip
             register_aot(
                 AotSpec(
