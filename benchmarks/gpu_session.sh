@@ -8,9 +8,8 @@
 #      which tests passed and failed;
 #   2. GPU benchmarks: LM presets' training throughput, linear attention (vs SDPA and fla),
 #      the state-space scans, the selective scan with and without segments (B=1), the
-#      selective scan's two backward forms (`backward`: tiles against the looped form's tile
-#      shapes, B=2 and B=1), and the decode steps of Mamba-1 and Mamba-2 (vs mamba-ssm's, if
-#      importable).
+#      selective scan's tiled main passes against its looped ones (`looped`), and the decode
+#      steps of Mamba-1 and Mamba-2 (vs mamba-ssm's, if importable).
 #      benchmarks/attention_gpu.py, the other launch shapes of
 #      benchmarks/selective_scan_launch_gpu.py and a short `memzoo train --config
 #      configs/hydra-tiny.yaml` run are the other GPU checks.
@@ -24,7 +23,7 @@
 #
 #     bash benchmarks/gpu_session.sh [STEP...]
 #
-# STEPs (default: tests presets linear scans segments decode; `backward` only on request):
+# STEPs (default: tests presets linear scans segments decode; `looped` only on request):
 # `tests` is every kernel test and the GPU mixer test; `ssm-tests` only the selective-scan, SSD,
 # skip-and-gate and occupancy kernel tests and the GPU mixer test; the others are the benchmarks
 # of part 2, by the name of their log.
@@ -33,8 +32,8 @@ steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(tests presets linear scans segments decode)
 for name in "${steps[@]}"; do  # refuse a misspelt step before spending device time on the rest
     case $name in
-    tests | ssm-tests | presets | linear | scans | segments | backward | decode) ;;
-    *) echo "unknown step: $name (tests ssm-tests presets linear scans segments backward" \
+    tests | ssm-tests | presets | linear | scans | segments | looped | decode) ;;
+    *) echo "unknown step: $name (tests ssm-tests presets linear scans segments looped" \
         "decode)" >&2 && exit 2 ;;
     esac
 done
@@ -104,19 +103,18 @@ for name in "${steps[@]}"; do
             --lengths 2048 16384 --variants shipped --segments rule whole \
             --name selective_scan_segments-b1
         ;;
-    # The tiled backward against the looped one, at three of its tile shapes.
-    backward)
-        for batch in 2 1; do
-            step 120 backward-b$batch.log python3 benchmarks/selective_scan_launch_gpu.py \
-                --batch $batch --lengths 2048 16384 --variants shipped --segments rule \
-                --backward tiles looped --looped 32,4,4 32,8,8 64,4,4 \
-                --name selective_scan_backward-b$batch
-        done
+    # The tiled main passes against the looped ones, each way and mixed (two looped backward
+    # shapes), at B=2.
+    looped)
+        step 240 looped.log python3 benchmarks/selective_scan_launch_gpu.py --batch 2 \
+            --lengths 2048 16384 --variants shipped --segments rule \
+            --forms tiles/tiles looped/looped tiles/looped looped/tiles \
+            --looped-backward 32,4,4 32,8,8 --name selective_scan_forms
         ;;
     decode) step 60 decode.log python3 benchmarks/decode_step_gpu.py --batches 1 64 ;;
     esac
 done
-for log in presets linear scans segments backward-b2 backward-b1 decode; do
+for log in presets linear scans segments looped decode; do
     cat "$OUT/$log.log" >>"$OUT/all-benchmarks.log" 2>/dev/null && rm -f "$OUT/$log.log"
 done
 tar czf "$OUT/results.tgz" benchmarks/results

@@ -1,16 +1,17 @@
 """Pick the Triton selective scan's launch shape on a GPU: tile sizes, warps and segments, timed.
 
-Each variant (BT tokens x BD channels per tile, forward warps, backward warps), form of the
-backward's main pass (`tiles`, or `looped` with the tile shapes of --looped: its own BT x BD
-and warps) and segmenting (`rule`: the launcher's own `_segment_length`; `whole`: one program
-per sequence and channel block; a number: segments of that many rows) is first checked against
-the fp64 torch reference (fp32 inputs, forward and every gradient), then timed forward and
-forward+backward in bf16 at Mamba's shape (Dm=1536, N=16, softplus, D, z). Writes
+Each variant (BT tokens x BD channels per tile, forward warps, backward warps of the tiled
+passes), forms of the main passes (forward/backward, each `tiles` or `looped`; a looped
+backward at each shape of --looped-backward, BT,BD,warps) and segmenting (`rule`: the
+launcher's own `_segment_length`; `whole`: one program per sequence and channel block; a
+number: segments of that many rows) is first checked against the fp64 torch reference (fp32
+inputs, forward and every gradient), then timed forward and forward+backward in bf16 at
+Mamba's shape (Dm=1536, N=16, softplus, D, z). Writes
 benchmarks/results/selective_scan_launch-<gpu>.md.
 
     python benchmarks/selective_scan_launch_gpu.py [--batch 2] [--lengths 8192]
         [--variants 8,16,4,8 8,32,4,8] [--segments rule whole 1024]
-        [--backward tiles looped] [--looped 32,4,4 32,8,8]
+        [--forms tiles/tiles looped/looped tiles/looped] [--looped-backward 32,4,4 32,8,8]
 """
 
 from __future__ import annotations
@@ -33,13 +34,14 @@ VARIANTS = [(8, 16, 4, 8), (8, 32, 4, 8), (4, 64, 8, 8), (2, 128, 8, 8)]
 SHIPPED = "shipped"
 
 
-def _patched(variant, segments="rule", backward="tiles"):
-    """Context manager that makes the kernels launch with `variant`, `segments` and the
-    backward form `backward`: "tiles", or (BT, BD, warps) of the looped form."""
-    patches = {}
+def _patched(variant, segments="rule", forms=("tiles", "tiles")):
+    """Context manager that makes the kernels launch with `variant`, `segments` and `forms`:
+    the forward's ("tiles" or "looped") and the backward's ("tiles", or (BT, BD, warps) of a
+    looped backward)."""
+    forward, backward = forms
+    patches = {"FORWARD": forward, "BACKWARD": "tiles" if backward == "tiles" else "looped"}
     if backward != "tiles":
-        BT, BD, warps = backward
-        patches.update(BACKWARD="looped", LOOPED_BT=BT, LOOPED_BD=BD, LOOPED_WARPS=warps)
+        patches["LOOPED_BWD"] = backward
     if variant != SHIPPED:
         BT, BD, fwd_warps, bwd_warps = variant
 
@@ -82,12 +84,12 @@ def _forward_backward(inputs, backend, cotangent=None):
     return y, {n: t.grad for n, t in leaves.items()}, cotangent
 
 
-def worst_error(variant, segments, backward) -> float:
+def worst_error(variant, segments, forms) -> float:
     """Largest relative RMSE over y and every gradient, fp32 kernel vs fp64 reference."""
     inputs = _inputs(2, 333, 200, 16, torch.float32, seed=0)
     if segments != "whole":
         segments = "96"  # short inputs: the segmented path, 4 segments a sequence
-    with _patched(variant, segments, backward):
+    with _patched(variant, segments, forms):
         y, grads, cot = _forward_backward(inputs, "triton")
     ref_inputs = {n: t.double() for n, t in inputs.items()}
     y_ref, grads_ref, _ = _forward_backward(ref_inputs, "torch", cot)
@@ -95,7 +97,7 @@ def worst_error(variant, segments, backward) -> float:
     return max(errors)
 
 
-def timings(variant, segments, backward, batch, T) -> tuple[float, float]:
+def timings(variant, segments, forms, batch, T) -> tuple[float, float]:
     inputs = _inputs(batch, T, 1536, 16, torch.bfloat16, seed=1)
     leaves = {n: t.clone().requires_grad_() for n, t in inputs.items()}
 
@@ -105,7 +107,7 @@ def timings(variant, segments, backward, batch, T) -> tuple[float, float]:
             delta_bias=t["delta_bias"], delta_softplus=True, backend="triton",
         )[0]  # fmt: skip
 
-    with _patched(variant, segments, backward):
+    with _patched(variant, segments, forms):
         fwd = cuda_time_ms(lambda: forward(inputs), repeats=10)
         both = cuda_time_ms(lambda: forward(leaves).float().sum().backward(), repeats=10)
     return fwd, both
@@ -125,15 +127,13 @@ def main() -> None:
         "multiple of every variant's BT)",
     )  # fmt: skip
     parser.add_argument(
-        "--backward", nargs="+", choices=["tiles", "looped"], default=["tiles"],
-        help="forms of the backward's main pass to time",
+        "--forms", nargs="+", default=["tiles/tiles"],
+        choices=[f"{f}/{b}" for f in ("tiles", "looped") for b in ("tiles", "looped")],
+        help="forward/backward forms of the main passes",
     )  # fmt: skip
     parser.add_argument(
-        "--looped", nargs="+", default=[
-            ",".join(map(str, (scan_triton.LOOPED_BT, scan_triton.LOOPED_BD,
-                               scan_triton.LOOPED_WARPS)))
-        ],
-        help="BT,BD,warps of the looped backward (e.g. 32,4,4)",
+        "--looped-backward", nargs="+", default=[",".join(map(str, scan_triton.LOOPED_BWD))],
+        help="BT,BD,warps of a looped backward (e.g. 32,4,4)",
     )  # fmt: skip
     parser.add_argument(
         "--name", default="selective_scan_launch", help="results/<name>-<gpu>.md is written"
@@ -153,30 +153,34 @@ def main() -> None:
         "benchmarks/selective_scan_launch_gpu.py "
         f"--batch {args.batch} --lengths {' '.join(map(str, args.lengths))} "
         f"--variants {' '.join(args.variants)} --segments {' '.join(args.segments)} "
-        f"--backward {' '.join(args.backward)} --looped {' '.join(args.looped)}`. The backward "
-        "column: `tiles`, or `looped BTxBD/warps` (the variant's BT and BD then set the forward "
-        "alone).",
+        f"--forms {' '.join(args.forms)} --looped-backward {' '.join(args.looped_backward)}`. "
+        "Forms: forward/backward, a looped backward as `looped BTxBD/warps`; the variant's tiles "
+        "are those of the tiled passes.",
         "",
-        "| BT | BD | warps fwd/bwd | backward | segments | error | T | fwd (ms) | fwd+bwd (ms) |",
+        "| BT | BD | warps fwd/bwd | forms | segments | error | T | fwd (ms) | fwd+bwd (ms) |",
         "|---:|---:|---|---|---|---:|---:|---:|---:|",
     ]
     variants = [v if v == SHIPPED else tuple(int(x) for x in v.split(",")) for v in args.variants]
-    looped = [tuple(int(x) for x in shape.split(",")) for shape in args.looped]
-    backwards = (["tiles"] if "tiles" in args.backward else []) + (
-        looped if "looped" in args.backward else []
-    )
-    for variant, backward, segments in itertools.product(variants, backwards, args.segments):
+    looped = [tuple(int(x) for x in shape.split(",")) for shape in args.looped_backward]
+    forms = []
+    for pair in args.forms:
+        forward, backward = pair.split("/")
+        forms += (
+            [(forward, shape) for shape in looped] if backward == "looped" else [(forward, "tiles")]
+        )
+    for variant, (forward, backward), segments in itertools.product(variants, forms, args.segments):
         BT, BD, fw, bw = ("8", "16/32", "4", "8") if variant == SHIPPED else variant
-        form = backward if backward == "tiles" else "looped {}x{}/{}".format(*backward)
+        backward_name = backward if backward == "tiles" else "looped {}x{}/{}".format(*backward)
+        form = f"{forward}/{backward_name}"
         row = f"| {BT} | {BD} | {fw}/{bw} | {form} | {segments} |"
         try:
-            error = worst_error(variant, segments, backward)
+            error = worst_error(variant, segments, (forward, backward))
         except Exception as exc:  # a variant that fails to compile is a row, not a crash
             print(f"BT={BT} BD={BD} {form} {segments}: {type(exc).__name__}: {exc}", flush=True)
             lines.append(f"{row} failed: {type(exc).__name__} | | | |")
             continue
         for T in args.lengths:
-            fwd, both = timings(variant, segments, backward, args.batch, T)
+            fwd, both = timings(variant, segments, (forward, backward), args.batch, T)
             print(f"BT={BT:>2} BD={BD:>4} warps {fw}/{bw} {form} segments {segments:>5} "
                   f"err {error:.1e} T={T:>6} fwd {fwd:8.3f} ms fwd+bwd {both:8.3f} ms",
                   flush=True)  # fmt: skip

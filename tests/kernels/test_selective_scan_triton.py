@@ -77,17 +77,23 @@ CASES = [
 ]
 
 
-@pytest.fixture(params=["tiles", "looped"])
-def backward(request, monkeypatch):
-    """Each form of the backward's main pass (`BACKWARD`): tiles of (token, channel, state),
-    or the states looped over tiles of (token, channel)."""
+def use_forms(monkeypatch, forward, backward):
+    """Run the Triton scan with these forms of its main passes (`FORWARD`, `BACKWARD`)."""
     scan = pytest.importorskip("memzoo.kernels.selective_scan.triton")
-    monkeypatch.setattr(scan, "BACKWARD", request.param)
+    monkeypatch.setattr(scan, "FORWARD", forward)
+    monkeypatch.setattr(scan, "BACKWARD", backward)
+
+
+@pytest.fixture(params=["tiles", "looped"])
+def form(request, monkeypatch):
+    """Each form of the main passes, both ways: tiles of (token, channel, state), or the
+    states looped over tiles of (token, channel)."""
+    use_forms(monkeypatch, request.param, request.param)
     return request.param
 
 
 @pytest.mark.parametrize("T,Dm,N,G,options,softplus", CASES)
-def test_forward_and_gradients_fp32(backward, T, Dm, N, G, options, softplus):
+def test_forward_and_gradients_fp32(form, T, Dm, N, G, options, softplus):
     inputs = make_inputs(2 if T < 100 else 1, T, Dm, N, G, seed=T + Dm, options=options)
     if not softplus:  # the step size must then be >= 0 by itself, as Mamba's always is
         for name in ("delta", "delta_bias"):
@@ -116,7 +122,7 @@ def test_softplus_over_its_whole_range(bias):
 
 
 @pytest.mark.parametrize("decay", [(10.0, 40.0), (1e-4, 2e-4)], ids=["strong", "tiny"])
-def test_extreme_decay_stays_accurate(backward, decay):
+def test_extreme_decay_stays_accurate(form, decay):
     """delta |A| up to ~20 per step (delta ~ 0.5) and down to ~1e-4."""
     inputs = make_inputs(1, 40, 12, 4, 1, seed=8, options=False, decay=decay)
     inputs["delta"] = inputs["delta"].abs() + 0.05
@@ -126,7 +132,7 @@ def test_extreme_decay_stays_accurate(backward, decay):
     check(inputs, softplus=False)
 
 
-def test_varlen_equals_per_sequence(backward):
+def test_varlen_equals_per_sequence(form):
     lengths = [1, 20, 0, 9]
     inputs = make_inputs(1, sum(lengths), 20, 4, 2, seed=4, num_states=len(lengths))
     cu = cu_seqlens_from_lengths(lengths)
@@ -186,13 +192,13 @@ def test_segmented_launch_forward_and_gradients(
     channels the tiled backward's first pass over segments walks blocks of 16 channels, its
     main pass blocks of 32; the looped backward's tiles of 32 rows start at every segment's
     start and stop at its end (segments of 40 rows: a whole tile and 8 rows of the next)."""
-    monkeypatch.setattr(scan_triton, "BACKWARD", form)
+    use_forms(monkeypatch, form, form)
     force_segments(monkeypatch, scan_triton, segment)
     inputs = make_inputs(2, T, Dm, N, G, seed=T, options=options)
     check(inputs, softplus=True)
 
 
-def test_segmented_varlen_equals_whole_sequences(monkeypatch, scan_triton, backward):
+def test_segmented_varlen_equals_whole_sequences(monkeypatch, scan_triton, form):
     """Packed sequences of every kind of length (empty, shorter than a segment, several
     segments with a short last one) give what the unsegmented launch gives."""
     lengths = [1, 20, 0, 9, 33]
@@ -210,7 +216,7 @@ def test_segmented_varlen_equals_whole_sequences(monkeypatch, scan_triton, backw
 
 
 @pytest.mark.parametrize("segment", [None, 8], ids=["whole", "segmented"])
-def test_inference_forward_equals_training_forward(monkeypatch, scan_triton, segment):
+def test_inference_forward_equals_training_forward(monkeypatch, scan_triton, form, segment):
     """Without autograd the forward keeps no tile states; its output is the same."""
     force_segments(monkeypatch, scan_triton, segment)
     inputs = {n: t.float() for n, t in make_inputs(2, 30, 12, 4, 2, seed=9).items()}
@@ -346,7 +352,7 @@ def test_cuda_half_precision(dtype):
 
 
 @pytest.mark.gpu
-def test_cuda_segmented_by_the_rule_fp32(scan_triton, backward):
+def test_cuda_segmented_by_the_rule_fp32(scan_triton, form):
     """One long, narrow sequence, which the launcher cuts into segments on any GPU: fp32
     forward and every gradient against the fp64 reference."""
     T, Dm = 3000, 64
@@ -358,20 +364,35 @@ def test_cuda_segmented_by_the_rule_fp32(scan_triton, backward):
     check(inputs, softplus=True)
 
 
-def test_unknown_backward_form_is_a_clear_error(monkeypatch, scan_triton):
-    monkeypatch.setattr(scan_triton, "BACKWARD", "fused")
-    with pytest.raises(ValueError, match="BACKWARD must be 'tiles' or 'looped', got 'fused'"):
-        scan_triton._backward_launch(16, 64)
+@pytest.mark.parametrize("segment", [None, 40], ids=["whole", "segmented"])
+@pytest.mark.parametrize("forward,backward", [("looped", "tiles"), ("tiles", "looped")])
+def test_either_forward_feeds_either_backward(monkeypatch, scan_triton, forward, backward, segment):
+    """Both forwards store the state entering every 8 rows, which both backwards read: mixed,
+    they equal the fp64 reference (segments of 40 rows: a looped tile and 8 rows of the next)."""
+    use_forms(monkeypatch, forward, backward)
+    force_segments(monkeypatch, scan_triton, segment)
+    check(make_inputs(2, 90, 20, 4, 2, seed=11), softplus=True)
+
+
+@pytest.mark.parametrize("name", ["FORWARD", "BACKWARD"])
+def test_unknown_form_is_a_clear_error(monkeypatch, scan_triton, name):
+    monkeypatch.setattr(scan_triton, name, "fused")
+    launch = scan_triton._forward_launch if name == "FORWARD" else scan_triton._backward_launch
+    with pytest.raises(ValueError, match=f"{name} must be 'tiles' or 'looped', got 'fused'"):
+        launch(16, 64)
 
 
 @pytest.mark.gpu
-def test_cuda_backward_forms_agree_in_bf16(monkeypatch, scan_triton):
-    """At a Mamba block's shape in bf16, the looped backward's gradients (dB and dC summed by
-    atomic adds) equal the tiled one's to bf16's rounding."""
+def test_cuda_forms_agree_in_bf16(monkeypatch, scan_triton):
+    """At a Mamba block's shape in bf16, the looped passes' y, final state and gradients (dB
+    and dC summed by atomic adds) equal the tiled ones' to bf16's rounding."""
     inputs = {n: t.cuda() for n, t in make_inputs(2, 1500, 512, 16, 1, seed=3).items()}
-    grads = {}
+    runs = {}
     for form in ("tiles", "looped"):
-        monkeypatch.setattr(scan_triton, "BACKWARD", form)
-        grads[form] = run(inputs, torch.bfloat16, softplus=True, backend="triton")[2]
-    for name, tiled in grads["tiles"].items():
-        assert_close(f"d{name}", tiled.double(), grads["looped"][name].double(), 1e-2)
+        use_forms(monkeypatch, form, form)
+        runs[form] = run(inputs, torch.bfloat16, softplus=True, backend="triton")
+    (y, final, grads), (y_looped, final_looped, grads_looped) = runs["tiles"], runs["looped"]
+    assert_close("y", y.double(), y_looped.double(), 1e-2)
+    assert_close("final", final.double(), final_looped.double(), 1e-2)
+    for name, tiled in grads.items():
+        assert_close(f"d{name}", tiled.double(), grads_looped[name].double(), 1e-2)

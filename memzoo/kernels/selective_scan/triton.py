@@ -15,14 +15,14 @@ reverse (segmented the same way):
     dh_t = dy_t C_t + a_{t+1} dh_{t+1}     (a reverse associative scan; dh_T seeded by dS_T)
     du_t = delta_t sum_n dh_t B_t,   ddelta_t = sum_n dh_t (a_t h_{t-1} A + B_t u_t)
     dA = sum_t dh_t a_t h_{t-1} delta_t,  dB_t = sum_d dh_t delta_t u_t,  dC_t = sum_d dy_t h_t
-where a_t h_{t-1} = h_t - b_t, so h_{t-1} itself is never needed. The backward's main pass
-comes in two forms (`BACKWARD`): the tiles above, or the states looped one by one over tiles of
-(token, channel) in channel-major copies, as mamba-ssm's CUDA kernel does (`_bwd_looped_kernel`;
-not yet timed on a GPU, so not the default). delta's bias and softplus run before the kernels,
-in torch, each way (`_step_sizes`): the forward keeps none of it, and the backward's kernel
-turns ddelta into the gradient of the raw step with softplus' derivative, sigmoid, writing it
-in the raw step's dtype. The D skip and the z gate run after the scan, in one kernel each way
-(`gate_triton.py`).
+where a_t h_{t-1} = h_t - b_t, so h_{t-1} itself is never needed. Each main pass comes in two
+forms (`FORWARD`, `BACKWARD`): the tiles above, or the states looped one by one over tiles of
+(token, channel) in channel-major copies, as mamba-ssm's CUDA kernels do (`_fwd_looped_kernel`,
+`_bwd_looped_kernel`; not yet timed on a GPU, so not the default). delta's bias and softplus run
+before the kernels, in torch, each way (`_step_sizes`): the forward keeps none of it, and the
+backward's kernel turns ddelta into the gradient of the raw step with softplus' derivative,
+sigmoid, writing it in the raw step's dtype. The D skip and the z gate run after the scan, in
+one kernel each way (`gate_triton.py`).
 """
 
 from __future__ import annotations
@@ -56,28 +56,45 @@ def _launch(N: int, channels_per_group: int, *, backward: bool = False) -> dict:
 # The backward holds about three times the forward's tiles: 8 warps keep it from spilling.
 FWD_WARPS, BWD_WARPS = 4, 8
 
-# The backward's main pass: "tiles", `_bwd_kernel` ([BT, BD, BN] tiles, BWD_WARPS), or
-# "looped", `_bwd_looped_kernel` ([LOOPED_BT, LOOPED_BD] tiles, the states one by one,
-# LOOPED_WARPS). `benchmarks/selective_scan_launch_gpu.py --backward tiles looped` times both.
-BACKWARD = "tiles"
-LOOPED_BT, LOOPED_BD, LOOPED_WARPS = 32, 4, 4
+# The main passes, each way: "tiles", `_fwd_kernel` and `_bwd_kernel` ([BT, BD, BN] tiles), or
+# "looped", `_fwd_looped_kernel` and `_bwd_looped_kernel` ([BT, BD] tiles, the states one by
+# one). Either forward stores what either backward reads.
+# `benchmarks/selective_scan_launch_gpu.py --forms tiles/tiles looped/looped` times them.
+FORWARD = BACKWARD = "tiles"
+# The looped kernels' (BT, BD, warps): a warp for each channel, its threads along the tokens.
+# The largest that compile without spills for sm_80 and sm_90 on Triton 3.6 and 3.7: 56-64
+# registers forward, 72-80 backward (whose tiles hold more).
+LOOPED_FWD, LOOPED_BWD = (32, 16, 16), (32, 4, 4)
+
+
+def _form(name: str, value: str) -> bool:
+    """Whether the form `value` of `name` (FORWARD or BACKWARD) is "looped"."""
+    if value not in ("tiles", "looped"):
+        raise ValueError(f"{name} must be 'tiles' or 'looped', got {value!r}")
+    return value == "looped"
+
+
+def _forward_launch(N: int, channels_per_group: int):
+    """(kernel, block sizes, warps) of the forward's main pass, as `FORWARD` picks."""
+    if _form("FORWARD", FORWARD):
+        return _fwd_looped_kernel, _looped_launch(N, channels_per_group, LOOPED_FWD), LOOPED_FWD[2]
+    return _fwd_kernel, _launch(N, channels_per_group), FWD_WARPS
 
 
 def _backward_launch(N: int, channels_per_group: int):
     """(kernel, block sizes, warps) of the backward's main pass, as `BACKWARD` picks."""
-    if BACKWARD == "tiles":
-        return _bwd_kernel, _launch(N, channels_per_group, backward=True), BWD_WARPS
-    if BACKWARD != "looped":
-        raise ValueError(f"BACKWARD must be 'tiles' or 'looped', got {BACKWARD!r}")
-    return _bwd_looped_kernel, _looped_launch(N, channels_per_group), LOOPED_WARPS
+    if _form("BACKWARD", BACKWARD):
+        return _bwd_looped_kernel, _looped_launch(N, channels_per_group, LOOPED_BWD), LOOPED_BWD[2]
+    return _bwd_kernel, _launch(N, channels_per_group, backward=True), BWD_WARPS
 
 
-def _looped_launch(N: int, channels_per_group: int) -> dict:
-    """Block sizes of `_bwd_looped_kernel`: BT tokens x BD channels, BN >= N carries, and the
-    forward's tile length STORED_BT, whose stored states it reads (BT is a multiple of it)."""
+def _looped_launch(N: int, channels_per_group: int, shape: tuple[int, int, int]) -> dict:
+    """Block sizes of a looped kernel of `shape` (BT, BD, warps): BT tokens x BD channels, BN
+    >= N states carried, and the tiled forward's tile length STORED_BT, whose entering states
+    every forward stores and every backward reads (BT is a multiple of it)."""
     return {
-        "BT": LOOPED_BT,
-        "BD": max(2, min(triton.next_power_of_2(channels_per_group), LOOPED_BD)),
+        "BT": shape[0],
+        "BD": max(2, min(triton.next_power_of_2(channels_per_group), shape[1])),
         "BN": max(2, triton.next_power_of_2(N)),
         "STORED_BT": _launch(N, channels_per_group)["BT"],
     }
@@ -285,6 +302,73 @@ def _fwd_kernel(
         y = tl.sum(states * Ct[:, None, :], axis=2)
         tl.store(y_ptr + rows[:, None] * Dm + o_d[None, :], y, mask=m_t[:, None] & m_d[None, :])
         h = tl.sum(tl.where(last, states, 0.0), axis=0)  # padded rows keep the last state
+    if STORE_FINAL:
+        tl.store(ht_ptr + seq * Dm * NS + block, h, mask=m_ds)
+
+
+# The same forward with the states looped, on channel-major copies of u and the step (`[Dm, R]`)
+# and writing y channel-major: [BT, BD] tiles of (token, channel), whose BT tokens run along a
+# warp's threads, visit the NS states one after another, each with its own scan over the tile's
+# tokens (see `_bwd_looped_kernel`). It stores the same states as `_fwd_kernel`: the state
+# entering every STORED_BT rows, each taken from inside the tile.
+@triton.jit
+def _fwd_looped_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, h0_ptr, y_ptr, hc_ptr, ht_ptr, cu_ptr, tile_first_ptr,
+    seg_seq_ptr, seg_idx_ptr,
+    Dm, G, NS, SEG, R,
+    BT: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, STORED_BT: tl.constexpr,
+    HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr, STORE_TILES: tl.constexpr,
+    SEGMENTED: tl.constexpr,
+):  # fmt: skip
+    i_g, i_b, o_d, m_d = _channels(Dm, G, BD)
+    o_s = tl.arange(0, BN)
+    m_ds = m_d[:, None] & (o_s < NS)[None, :]
+    block = o_d[:, None] * NS + o_s[None, :]
+    slot, seq, start, stop, tile0 = _span(
+        cu_ptr, tile_first_ptr, seg_seq_ptr, seg_idx_ptr, SEG, STORED_BT, SEGMENTED
+    )
+    o_t = tl.arange(0, BT)
+    channel_rows = o_d.to(tl.int64)[None, :] * R
+    last = (o_t == BT - 1)[:, None]
+
+    # `h[:, n]` is the state entering the tile.
+    h = tl.zeros([BD, BN], dtype=tl.float32)
+    if SEGMENTED:  # h0_ptr: the state entering each segment
+        h += tl.load(h0_ptr + slot * Dm * NS + block, mask=m_ds & (stop > start), other=0.0)
+    elif HAS_H0:
+        h += tl.load(h0_ptr + seq * Dm * NS + block, mask=m_ds, other=0.0)
+    for c in range(0, tl.cdiv(stop - start, BT)):
+        tile_start = start + c * BT
+        rows = tile_start + o_t
+        m_t = rows < stop
+        m_td = m_t[:, None] & m_d[None, :]
+        offsets = channel_rows + rows[:, None]
+        # Masked rows and channels: delta = 0, so a = 1 and b = 0; padded rows keep the state.
+        delta = tl.load(delta_ptr + offsets, mask=m_td, other=0.0)
+        x = delta * tl.load(u_ptr + offsets, mask=m_td, other=0.0).to(tl.float32)
+        y = tl.zeros([BT, BD], dtype=tl.float32)
+        h_out = tl.zeros([BD, BN], dtype=tl.float32)
+        state_rows = (rows * G + i_g) * NS
+        stored = hc_ptr + (tile0 + c * (BT // STORED_BT)) * Dm * NS + o_d * NS
+        for n in range(0, NS):
+            is_n = (o_s == n)[None, :]
+            A_n = tl.load(A_ptr + o_d * NS + n, mask=m_d, other=0.0).to(tl.float32)
+            B_n = tl.load(B_ptr + state_rows + n, mask=m_t, other=0.0).to(tl.float32)[:, None]
+            C_n = tl.load(C_ptr + state_rows + n, mask=m_t, other=0.0).to(tl.float32)[:, None]
+            h_n = tl.sum(tl.where(is_n, h, 0.0), axis=1)
+            a_cum, b_cum = tl.associative_scan((tl.exp(delta * A_n[None, :]), x * B_n), 0, _combine)
+            states = a_cum * h_n[None, :] + b_cum
+            y += states * C_n
+            if STORE_TILES:  # the states entering the tile's stored tiles, for the backward
+                tl.store(stored + n, h_n, mask=m_d)
+                for k in tl.static_range(1, BT // STORED_BT):
+                    before = (o_t == k * STORED_BT - 1)[:, None]
+                    entering = tl.sum(tl.where(before, states, 0.0), axis=0)
+                    inside = tile_start + k * STORED_BT < stop
+                    tl.store(stored + k * Dm * NS + n, entering, mask=m_d & inside)
+            h_out = tl.where(is_n, tl.sum(tl.where(last, states, 0.0), axis=0)[:, None], h_out)
+        h = h_out
+        tl.store(y_ptr + offsets, y, mask=m_td)
     if STORE_FINAL:
         tl.store(ht_ptr + seq * Dm * NS + block, h, mask=m_ds)
 
@@ -569,19 +653,26 @@ class SelectiveScanFunction(torch.autograd.Function):
                 store_tiles):  # fmt: skip
         R, Dm = u.shape
         G, N = B.shape[1], B.shape[2]
-        launch = _launch(N, Dm // G)
-        tiles = ChunkTable(cu, R, fixed_length, launch["BT"])
+        kernel, launch, num_warps = _forward_launch(N, Dm // G)
+        looped = kernel is _fwd_looped_kernel
+        tiled = _launch(N, Dm // G)  # the tiles whose entering states are stored
+        tiles = ChunkTable(cu, R, fixed_length, tiled["BT"])
         blocks = G * triton.cdiv(Dm // G, launch["BD"])
         f32 = {"dtype": torch.float32, "device": u.device}
-        y = torch.empty(R, Dm, **f32)
-        hc = torch.empty(tiles.bound, Dm, N, **f32) if store_tiles else y
         ht = torch.empty(tiles.num_seqs, Dm, N, **f32)
-        dt, _ = _step_sizes(delta, bias, softplus)
-        scan = {"Dm": Dm, "G": G, "NS": N, "num_warps": FWD_WARPS, **launch}
+        if looped:  # channel-major, [Dm, R]; the step sizes of a channel-major delta are too
+            dt, _ = _step_sizes(delta.t().contiguous().t(), bias, softplus)
+            u_, dt_, y = u.t().contiguous(), dt.t().contiguous(), torch.empty(Dm, R, **f32)
+            launch = {**launch, "R": R}
+        else:
+            dt, _ = _step_sizes(delta, bias, softplus)
+            u_, dt_, y = u, dt, torch.empty(R, Dm, **f32)
+        hc = torch.empty(tiles.bound, Dm, N, **f32) if store_tiles else y
+        scan = {"Dm": Dm, "G": G, "NS": N, "num_warps": num_warps, **launch}
 
         def per_sm():  # the segmented main pass, as it launches below (ht: any fp32 stand-in)
-            args = (u, dt, A, B, C, ht, y, hc, ht, cu, tiles.first, cu, cu)
-            return resident_programs(_fwd_kernel, args, {
+            args = (u_, dt_, A, B, C, ht, y, hc, ht, cu, tiles.first, cu, cu)
+            return resident_programs(kernel, args, {
                 **scan, "SEG": MIN_SEGMENT, "HAS_H0": False, "STORE_FINAL": False,
                 "STORE_TILES": store_tiles, "SEGMENTED": True,
             }, u.device)  # fmt: skip
@@ -589,8 +680,8 @@ class SelectiveScanFunction(torch.autograd.Function):
         seg = _segment_length(blocks * tiles.num_seqs, per_sm, R, tiles.num_seqs, u.device,
                               launch["BT"])  # fmt: skip
         if seg is None:
-            _fwd_kernel[(blocks, tiles.num_seqs)](
-                u, dt, A, B, C, u if h0 is None else h0, y, hc, ht, cu, tiles.first, cu, cu,
+            kernel[(blocks, tiles.num_seqs)](
+                u_, dt_, A, B, C, u if h0 is None else h0, y, hc, ht, cu, tiles.first, cu, cu,
                 SEG=0, HAS_H0=h0 is not None, STORE_FINAL=output_final, STORE_TILES=store_tiles,
                 SEGMENTED=False, **scan,
             )  # fmt: skip
@@ -599,18 +690,22 @@ class SelectiveScanFunction(torch.autograd.Function):
             tables = (cu, tiles.first, segs.seq, segs.idx)
             entering = torch.empty(segs.bound, Dm, N, **f32)
             dsum = torch.empty(segs.bound, Dm, **f32)
-            _fwd_segment_kernel[(blocks, segs.bound)](
-                u, dt, A, B, C, entering, dsum, *tables, SEG=seg, **scan
+            # The first pass over segments walks the tiled forward's tiles, row-major.
+            first_pass = {"Dm": Dm, "G": G, "NS": N, **tiled, "num_warps": FWD_WARPS}
+            _fwd_segment_kernel[(G * triton.cdiv(Dm // G, tiled["BD"]), segs.bound)](
+                u, dt.contiguous(), A, B, C, entering, dsum, *tables, SEG=seg, **first_pass
             )
             _segment_pass_kernel[(triton.cdiv(Dm * N, PASS_BLOCK), tiles.num_seqs)](
                 A, entering, dsum, ht if h0 is None else h0, ht, cu, segs.first, Dm, N, seg,
                 BLOCK=PASS_BLOCK, HAS_INIT=h0 is not None, STORE_FINAL=output_final,
                 REVERSE=False,
             )  # fmt: skip
-            _fwd_kernel[(blocks, segs.bound)](
-                u, dt, A, B, C, entering, y, hc, ht, *tables, SEG=seg, HAS_H0=False,
+            kernel[(blocks, segs.bound)](
+                u_, dt_, A, B, C, entering, y, hc, ht, *tables, SEG=seg, HAS_H0=False,
                 STORE_FINAL=False, STORE_TILES=store_tiles, SEGMENTED=True, **scan,
             )  # fmt: skip
+        if looped:
+            y = y.t().contiguous()
         ctx.save_for_backward(u, delta, A, B, C, h0, bias, cu, hc, tiles.first)
         ctx.num_seqs, ctx.fixed_length, ctx.softplus = tiles.num_seqs, fixed_length, softplus
         return y, (ht if output_final else None)
@@ -740,7 +835,8 @@ def _register_aot_specs() -> None:
         # Mamba's call: delta's bias and softplus, whose gradient the backward finishes.
         fwd = _launch(N, 1536)
         bwd = {**_launch(N, 1536, backward=True), "HAS_GATE": True, "HAS_BIAS": True}
-        looped = {**_looped_launch(N, 1536), "HAS_GATE": True, "HAS_BIAS": True}
+        looped_fwd = _looped_launch(N, 1536, LOOPED_FWD)
+        looped = {**_looped_launch(N, 1536, LOOPED_BWD), "HAS_GATE": True, "HAS_BIAS": True}
         for name, kernel, constexprs, num_warps in (
             ("fwd", _fwd_kernel, {**fwd, **whole, "HAS_H0": True, "STORE_FINAL": True,
                                   "STORE_TILES": True}, FWD_WARPS),
@@ -751,11 +847,17 @@ def _register_aot_specs() -> None:
             ("bwd-segmented", _bwd_kernel, {**bwd, **segmented, "HAS_DHT": False,
                                             "STORE_DH0": False}, BWD_WARPS),
             ("bwd_segment", _bwd_segment_kernel, fwd, SEGMENT_WARPS),
+            ("fwd_looped", _fwd_looped_kernel, {**looped_fwd, **whole, "HAS_H0": True,
+                                                "STORE_FINAL": True, "STORE_TILES": True},
+             LOOPED_FWD[2]),
+            ("fwd_looped-segmented", _fwd_looped_kernel, {**looped_fwd, **segmented,
+                                                          "HAS_H0": False, "STORE_FINAL": False,
+                                                          "STORE_TILES": True}, LOOPED_FWD[2]),
             ("bwd_looped", _bwd_looped_kernel, {**looped, **whole, "HAS_DHT": True,
-                                                "STORE_DH0": True}, LOOPED_WARPS),
+                                                "STORE_DH0": True}, LOOPED_BWD[2]),
             ("bwd_looped-segmented", _bwd_looped_kernel, {**looped, **segmented,
                                                           "HAS_DHT": False, "STORE_DH0": False},
-             LOOPED_WARPS),
+             LOOPED_BWD[2]),
         ):  # fmt: skip
             register_aot(
                 AotSpec(
