@@ -125,15 +125,20 @@ def _channels(Dm, G, BD: tl.constexpr):
 
 
 @triton.jit
-def _block(A_ptr, Dm, G, NS, BD: tl.constexpr, BN: tl.constexpr):
+def _pairs(Dm, G, NS, BD: tl.constexpr, BN: tl.constexpr):
     """This program's block of (channel, state) pairs: (group, block index, channels [BD] and
-    their mask, states [BN] and their mask, the [BD, BN] mask and offsets of the pairs, and A
-    there in fp32)."""
+    their mask, states [BN] and their mask, the [BD, BN] mask and offsets of the pairs)."""
     i_g, i_b, o_d, m_d = _channels(Dm, G, BD)
     o_s = tl.arange(0, BN)
     m_s = o_s < NS
     m_ds = m_d[:, None] & m_s[None, :]
-    block = o_d[:, None] * NS + o_s[None, :]
+    return i_g, i_b, o_d, m_d, o_s, m_s, m_ds, o_d[:, None] * NS + o_s[None, :]
+
+
+@triton.jit
+def _block(A_ptr, Dm, G, NS, BD: tl.constexpr, BN: tl.constexpr):
+    """`_pairs`, and A there in fp32 [BD, BN]."""
+    i_g, i_b, o_d, m_d, o_s, m_s, m_ds, block = _pairs(Dm, G, NS, BD, BN)
     A = tl.load(A_ptr + block, mask=m_ds, other=0.0).to(tl.float32)
     return i_g, i_b, o_d, m_d, o_s, m_s, m_ds, block, A
 
@@ -181,6 +186,52 @@ def _span(cu_ptr, tile_first_ptr, seg_seq_ptr, seg_idx_ptr, SEG, BT: tl.constexp
         stop = tl.load(cu_ptr + seq + 1).to(tl.int64)
         tile0 = tl.load(tile_first_ptr + seq).to(tl.int64)
     return slot, seq, start, stop, tile0
+
+
+@triton.jit
+def _tile(c, start, stop, m_d, BT: tl.constexpr):
+    """(first row, rows [BT], their mask, the [BT, BD] mask) of tile c of rows start..stop."""
+    tile_start = start + c * BT
+    rows = tile_start + tl.arange(0, BT)
+    m_t = rows < stop
+    return tile_start, rows, m_t, m_t[:, None] & m_d[None, :]
+
+
+@triton.jit
+def _state_inputs(A_ptr, B_ptr, C_ptr, o_d, m_d, state_rows, m_t, n, NS):
+    """The looped kernels' inputs of state n: A [BD] and B, C [BT, 1] (fp32) of a tile whose
+    rows' (group's) B and C start at `state_rows`."""
+    A_n = tl.load(A_ptr + o_d * NS + n, mask=m_d, other=0.0).to(tl.float32)
+    B_n = tl.load(B_ptr + state_rows + n, mask=m_t, other=0.0).to(tl.float32)[:, None]
+    C_n = tl.load(C_ptr + state_rows + n, mask=m_t, other=0.0).to(tl.float32)[:, None]
+    return A_n, B_n, C_n
+
+
+@triton.jit
+def _entering(ptr, slot, seq, start, stop, block, m_ds, Dm, NS, BD: tl.constexpr,
+              BN: tl.constexpr, GIVEN: tl.constexpr, SEGMENTED: tl.constexpr):  # fmt: skip
+    """[BD, BN] fp32: what enters this program's rows (a state forward, a state's gradient
+    backward): SEGMENTED, the segment pass's value for the segment; else, with GIVEN, the
+    sequence's from `ptr`; else zeros."""
+    x = tl.zeros([BD, BN], dtype=tl.float32)
+    if SEGMENTED:
+        x += tl.load(ptr + slot * Dm * NS + block, mask=m_ds & (stop > start), other=0.0)
+    elif GIVEN:
+        x += tl.load(ptr + seq * Dm * NS + block, mask=m_ds, other=0.0)
+    return x
+
+
+@triton.jit
+def _store_sums(dA_part_ptr, dbias_part_ptr, dh0_ptr, dA, dbias, dh0, slot, seq, block, m_ds,
+                o_d, m_d, Dm, NS, HAS_BIAS: tl.constexpr, STORE_DH0: tl.constexpr):  # fmt: skip
+    """A backward program's last stores: its partial sums of dA and (HAS_BIAS) of the raw
+    step's gradient, per slot (a surplus segment writes zeros), and (STORE_DH0) the initial
+    state's gradient."""
+    tl.store(dA_part_ptr + slot * Dm * NS + block, dA, mask=m_ds)
+    if HAS_BIAS:
+        tl.store(dbias_part_ptr + slot * Dm + o_d, dbias, mask=m_d)
+    if STORE_DH0:
+        tl.store(dh0_ptr + seq * Dm * NS + block, dh0, mask=m_ds)
 
 
 @triton.jit
@@ -284,11 +335,7 @@ def _fwd_kernel(
     )
     last = (tl.arange(0, BT) == BT - 1)[:, None, None]
 
-    h = tl.zeros([BD, BN], dtype=tl.float32)
-    if SEGMENTED:  # h0_ptr: the state entering each segment
-        h += tl.load(h0_ptr + slot * Dm * NS + block, mask=m_ds & (stop > start), other=0.0)
-    elif HAS_H0:
-        h += tl.load(h0_ptr + seq * Dm * NS + block, mask=m_ds, other=0.0)
+    h = _entering(h0_ptr, slot, seq, start, stop, block, m_ds, Dm, NS, BD, BN, HAS_H0, SEGMENTED)
     for c in range(0, tl.cdiv(stop - start, BT)):
         if STORE_TILES:  # the state entering each tile, for the backward
             tl.store(hc_ptr + (tile0 + c) * Dm * NS + block, h, mask=m_ds)
@@ -320,10 +367,7 @@ def _fwd_looped_kernel(
     HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr, STORE_TILES: tl.constexpr,
     SEGMENTED: tl.constexpr,
 ):  # fmt: skip
-    i_g, i_b, o_d, m_d = _channels(Dm, G, BD)
-    o_s = tl.arange(0, BN)
-    m_ds = m_d[:, None] & (o_s < NS)[None, :]
-    block = o_d[:, None] * NS + o_s[None, :]
+    i_g, i_b, o_d, m_d, o_s, m_s, m_ds, block = _pairs(Dm, G, NS, BD, BN)
     slot, seq, start, stop, tile0 = _span(
         cu_ptr, tile_first_ptr, seg_seq_ptr, seg_idx_ptr, SEG, STORED_BT, SEGMENTED
     )
@@ -332,16 +376,9 @@ def _fwd_looped_kernel(
     last = (o_t == BT - 1)[:, None]
 
     # `h[:, n]` is the state entering the tile.
-    h = tl.zeros([BD, BN], dtype=tl.float32)
-    if SEGMENTED:  # h0_ptr: the state entering each segment
-        h += tl.load(h0_ptr + slot * Dm * NS + block, mask=m_ds & (stop > start), other=0.0)
-    elif HAS_H0:
-        h += tl.load(h0_ptr + seq * Dm * NS + block, mask=m_ds, other=0.0)
+    h = _entering(h0_ptr, slot, seq, start, stop, block, m_ds, Dm, NS, BD, BN, HAS_H0, SEGMENTED)
     for c in range(0, tl.cdiv(stop - start, BT)):
-        tile_start = start + c * BT
-        rows = tile_start + o_t
-        m_t = rows < stop
-        m_td = m_t[:, None] & m_d[None, :]
+        tile_start, rows, m_t, m_td = _tile(c, start, stop, m_d, BT)
         offsets = channel_rows + rows[:, None]
         # Masked rows and channels: delta = 0, so a = 1 and b = 0; padded rows keep the state.
         delta = tl.load(delta_ptr + offsets, mask=m_td, other=0.0)
@@ -352,9 +389,7 @@ def _fwd_looped_kernel(
         stored = hc_ptr + (tile0 + c * (BT // STORED_BT)) * Dm * NS + o_d * NS
         for n in range(0, NS):
             is_n = (o_s == n)[None, :]
-            A_n = tl.load(A_ptr + o_d * NS + n, mask=m_d, other=0.0).to(tl.float32)
-            B_n = tl.load(B_ptr + state_rows + n, mask=m_t, other=0.0).to(tl.float32)[:, None]
-            C_n = tl.load(C_ptr + state_rows + n, mask=m_t, other=0.0).to(tl.float32)[:, None]
+            A_n, B_n, C_n = _state_inputs(A_ptr, B_ptr, C_ptr, o_d, m_d, state_rows, m_t, n, NS)
             h_n = tl.sum(tl.where(is_n, h, 0.0), axis=1)
             a_cum, b_cum = tl.associative_scan((tl.exp(delta * A_n[None, :]), x * B_n), 0, _combine)
             states = a_cum * h_n[None, :] + b_cum
@@ -435,20 +470,15 @@ def _bwd_kernel(
     o_t = tl.arange(0, BT)
 
     # `carry` is the gradient flowing into the tile's last row from after it.
-    carry = tl.zeros([BD, BN], dtype=tl.float32)
-    if SEGMENTED:  # dht_ptr: the gradient entering each segment from after it
-        carry += tl.load(dht_ptr + slot * Dm * NS + block, mask=m_ds & (stop > start), other=0.0)
-    elif HAS_DHT:
-        carry += tl.load(dht_ptr + seq * Dm * NS + block, mask=m_ds, other=0.0)
+    carry = _entering(
+        dht_ptr, slot, seq, start, stop, block, m_ds, Dm, NS, BD, BN, HAS_DHT, SEGMENTED
+    )
     dA = tl.zeros([BD, BN], dtype=tl.float32)
     dbias = tl.zeros([BD], dtype=tl.float32)
     num_tiles = tl.cdiv(stop - start, BT)
     for j in range(0, num_tiles):
         c = num_tiles - 1 - j
-        tile_start = start + c * BT
-        rows = tile_start + o_t
-        m_t = rows < stop
-        m_td = m_t[:, None] & m_d[None, :]
+        tile_start, rows, m_t, m_td = _tile(c, start, stop, m_d, BT)
         delta, u, Bt, Ct, a, b = _chunk_inputs(
             u_ptr, delta_ptr, B_ptr, C_ptr, A, rows, m_t, o_d, m_d, o_s, m_s, i_g, Dm, G, NS
         )
@@ -477,13 +507,8 @@ def _bwd_kernel(
         tl.store(dB_part_ptr + part, tl.sum(dh * (delta * u)[:, :, None], axis=1), mask=m_ts)
         tl.store(dC_part_ptr + part, tl.sum(dy[:, :, None] * states, axis=1), mask=m_ts)
         carry = tl.sum(tl.where((o_t == 0)[:, None, None], a * dh, 0.0), axis=0)
-    # Per slot (sequence or segment) partials of dA, summed by the launcher; a surplus segment
-    # writes zeros.
-    tl.store(dA_part_ptr + slot * Dm * NS + block, dA, mask=m_ds)
-    if HAS_BIAS:
-        tl.store(dbias_part_ptr + slot * Dm + o_d, dbias, mask=m_d)
-    if STORE_DH0:
-        tl.store(dh0_ptr + seq * Dm * NS + block, carry, mask=m_ds)
+    _store_sums(dA_part_ptr, dbias_part_ptr, dh0_ptr, dA, dbias, carry, slot, seq, block, m_ds,
+                o_d, m_d, Dm, NS, HAS_BIAS, STORE_DH0)  # fmt: skip
 
 
 # The same backward with the states looped, on channel-major copies of its [R, Dm] inputs and
@@ -505,10 +530,7 @@ def _bwd_looped_kernel(
     HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, SEGMENTED: tl.constexpr,
     HAS_GATE: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):  # fmt: skip
-    i_g, i_b, o_d, m_d = _channels(Dm, G, BD)
-    o_s = tl.arange(0, BN)
-    m_ds = m_d[:, None] & (o_s < NS)[None, :]
-    block = o_d[:, None] * NS + o_s[None, :]
+    i_g, i_b, o_d, m_d, o_s, m_s, m_ds, block = _pairs(Dm, G, NS, BD, BN)
     # tile0 counts the forward's stored tiles of STORED_BT rows.
     slot, seq, start, stop, tile0 = _span(
         cu_ptr, tile_first_ptr, seg_seq_ptr, seg_idx_ptr, SEG, STORED_BT, SEGMENTED
@@ -517,20 +539,15 @@ def _bwd_looped_kernel(
     channel_rows = o_d.to(tl.int64)[None, :] * R
 
     # `carry[:, n]` is the gradient flowing into the tile's last row from after it.
-    carry = tl.zeros([BD, BN], dtype=tl.float32)
-    if SEGMENTED:
-        carry += tl.load(dht_ptr + slot * Dm * NS + block, mask=m_ds & (stop > start), other=0.0)
-    elif HAS_DHT:
-        carry += tl.load(dht_ptr + seq * Dm * NS + block, mask=m_ds, other=0.0)
+    carry = _entering(
+        dht_ptr, slot, seq, start, stop, block, m_ds, Dm, NS, BD, BN, HAS_DHT, SEGMENTED
+    )
     dA = tl.zeros([BD, BN], dtype=tl.float32)
     dbias = tl.zeros([BD], dtype=tl.float32)
     num_tiles = tl.cdiv(stop - start, BT)
     for j in range(0, num_tiles):
         c = num_tiles - 1 - j
-        tile_start = start + c * BT
-        rows = tile_start + o_t
-        m_t = rows < stop
-        m_td = m_t[:, None] & m_d[None, :]
+        tile_start, rows, m_t, m_td = _tile(c, start, stop, m_d, BT)
         offsets = channel_rows + rows[:, None]
         # Masked rows and channels: delta = 0, so a = 1 and b = 0, and dy = 0.
         delta = tl.load(delta_ptr + offsets, mask=m_td, other=0.0)
@@ -552,9 +569,7 @@ def _bwd_looped_kernel(
         part = i_g * NS * R + rows
         for n in range(0, NS):
             is_n = (o_s == n)[None, :]
-            A_n = tl.load(A_ptr + o_d * NS + n, mask=m_d, other=0.0).to(tl.float32)
-            B_n = tl.load(B_ptr + state_rows + n, mask=m_t, other=0.0).to(tl.float32)[:, None]
-            C_n = tl.load(C_ptr + state_rows + n, mask=m_t, other=0.0).to(tl.float32)[:, None]
+            A_n, B_n, C_n = _state_inputs(A_ptr, B_ptr, C_ptr, o_d, m_d, state_rows, m_t, n, NS)
             h_start = tl.load(h_tile + n, mask=m_d, other=0.0)
             a = tl.exp(delta * A_n[None, :])
             b = x * B_n
@@ -585,11 +600,8 @@ def _bwd_looped_kernel(
         tl.store(ddelta_ptr + offsets, ddelta.to(ddelta_ptr.dtype.element_ty), mask=m_td)
         if HAS_BIAS:
             dbias += tl.sum(tl.where(m_td, ddelta, 0.0), axis=0)
-    tl.store(dA_part_ptr + slot * Dm * NS + block, dA, mask=m_ds)
-    if HAS_BIAS:
-        tl.store(dbias_part_ptr + slot * Dm + o_d, dbias, mask=m_d)
-    if STORE_DH0:
-        tl.store(dh0_ptr + seq * Dm * NS + block, carry, mask=m_ds)
+    _store_sums(dA_part_ptr, dbias_part_ptr, dh0_ptr, dA, dbias, carry, slot, seq, block, m_ds,
+                o_d, m_d, Dm, NS, HAS_BIAS, STORE_DH0)  # fmt: skip
 
 
 PASS_BLOCK = 256  # (channel, state) pairs per program of the segment pass
