@@ -798,10 +798,11 @@ class SelectiveScanFunction(torch.autograd.Function):
             )  # fmt: skip
         # Per slot (sequence or segment) sums of the raw step's gradient: the bias's.
         dbias = None if bias is None else dbias_part.sum(0).to(bias.dtype)
-        dB, dC = dB_part.sum(0), dC_part.sum(0)
         if looped:  # back to [R, Dm] and [R, G, N]
             du, ddelta = du.t().contiguous(), ddelta.t().contiguous()
-            dB, dC = dB.permute(2, 0, 1), dC.permute(2, 0, 1)
+            dB, dC = dB_part[0].permute(2, 0, 1), dC_part[0].permute(2, 0, 1)
+        else:
+            dB, dC = dB_part.sum(0), dC_part.sum(0)
         return (
             du, ddelta, dA_part.sum(0).to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
             None if h0 is None else dh0, dbias, None, None, None, None, None,
