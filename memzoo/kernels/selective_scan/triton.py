@@ -62,8 +62,9 @@ FWD_WARPS, BWD_WARPS = 4, 8
 # `benchmarks/selective_scan_launch_gpu.py --forms tiles/tiles looped/looped` times them.
 FORWARD = BACKWARD = "tiles"
 # The looped kernels' (BT, BD, warps): a warp for each channel, its threads along the tokens.
-# The largest that compile without spills for sm_80 and sm_90 on Triton 3.6 and 3.7: 56-64
-# registers forward, 72-80 backward (whose tiles hold more).
+# Of the shapes swept with the AOT, the widest that compile without spills for sm_80 and sm_90
+# on Triton 3.6 and 3.7: 56-64 registers forward, 72-80 backward (whose tiles hold more; at
+# [32, 8] and 8 warps ptxas keeps 64 and spills).
 LOOPED_FWD, LOOPED_BWD = (32, 16, 16), (32, 4, 4)
 
 
