@@ -8,7 +8,7 @@ Two forms, checked against each other in tests:
 - `selective_scan_recurrent_ref`: token by token through `selective_state_update_ref`.
 - `selective_scan_chunk_ref`: the CPU path. Chunks of C tokens run one after another; inside
   a chunk, token by token (one foreach call) over decays and inputs computed for the whole
-  chunk at once, or, on request, C / c blocks of c tokens side by side (see `_scan_chunk`).
+  chunk at once, or, on request, C / c blocks of c tokens side by side (see `_blocked_chunk`).
   Memory O(C Dm N) per chunk; differentiable, the token loop through a backward of its own.
 All compute in fp32 (fp64 for fp64 inputs); y comes back in u's dtype, states in fp32 (fp64).
 """
@@ -160,7 +160,7 @@ def _default_chunk_size(width: int, itemsize: int) -> int:
 
 def _blocks_per_chunk(L: int, block_size: int | None) -> int:
     """How many blocks S a chunk of L tokens is scanned in: one, a token loop, unless
-    block_size asks for blocks of that many tokens side by side (see `_scan_chunk`).
+    block_size asks for blocks of that many tokens side by side (see `_blocked_chunk`).
 
     The token loop is one foreach call per chunk, about 1 us a token at 8192 states; blocks make
     2c + S Python-level step ops (c = L / S) and read the chunk's step pairs twice. Without
@@ -216,22 +216,66 @@ class _Workspace:
         return self.buffers[i][: math.prod(shape)].view(shape)
 
     def steps(self, i: int, shape: tuple[int, ...]) -> tuple:
-        """(x, x_steps): buffer i as `shape` = `[b, S, c, G, N, P]`, and its c steps
-        `[b, S, G, N, P]`."""
+        """(x, x_steps): buffer i as `shape`, `[b, S, c, G, N, P]` or `[b, c, G, N, P]`, and
+        its c steps (along the fourth axis from the last)."""
         key = (i, shape)
         if key not in self._views:
             x = self.buffer(i, shape)
-            self._views[key] = (x, x.unbind(2))
+            self._views[key] = (x, x.unbind(-4))
         return self._views[key]
 
     def pairs(self, shape: tuple[int, ...]) -> tuple:
-        """(a, bx, a_steps, bx_steps): buffers 0 and 1 as `shape` = `[b, S, c, G, N, P]`,
-        and their c steps `[b, S, G, N, P]` each."""
+        """(a, bx, a_steps, bx_steps): buffers 0 and 1 as `shape` (see `steps`), and their c
+        steps each."""
         (a, a_steps), (bx, bx_steps) = self.steps(0, shape), self.steps(1, shape)
         return a, bx, a_steps, bx_steps
 
 
-def _scan_chunk(
+def _token_loop_chunk(
+    dt: torch.Tensor,
+    u: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    A: torch.Tensor,
+    h: torch.Tensor,
+    workspace: _Workspace,
+    out: torch.Tensor | None = None,
+    readout: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """One chunk of b sequences, token after token: dt, u `[b, L, G, P]`; B, C `[b, L, G, N]`;
+    A `[G, N, P]` in log2 units (A log2(e)); h `[b, G, N, P]` the states entering the chunk;
+    workspace holding at least b L G N P floats a buffer; out None or a `[b, L, G, P]` tensor
+    for the output (dt itself may be it: it is read first); readout False skips y (None comes
+    back): the token loop's backward wants only the states.
+
+    The decays a_j = 2^(dt_j A) and inputs B_j x_j of the whole chunk take one op each, the
+    recurrence one foreach call (`_foreach_recurrence_`), and one batched matmul reads out
+    y_j = C_j h_j. States are state-major, `[N, P]` per group: channels are the contiguous
+    axis, so every op runs over P-wide rows and the readout is a `[1, N] @ [N, P]` product per
+    token. A chunk's arithmetic is ~300 us at B=1, Dm=512, N=16 and each op around it ~1-5 us,
+    so the function keeps to those few. Leaves the decays and states in workspace buffers 0 and
+    1, `[b, L, G, N, P]`, for `_token_loop_backward`. Returns the scan output sum_n C h
+    `[b, L, G, P]` and the states leaving the chunk.
+    """
+    b, L, G, P = dt.shape
+    N = B.shape[-1]
+    a, states, a_steps, states_steps = workspace.pairs((b, L, G, N, P))
+    x = dt * u
+    torch.mul(dt.unsqueeze(-2), A, out=a).exp2_()
+    torch.mul(B.unsqueeze(-1), x.unsqueeze(-2), out=states)
+    _foreach_recurrence_(states_steps, a_steps, h)
+    h = states_steps[-1].clone()  # a copy: the next chunk overwrites the workspace
+    if not readout:
+        return None, h
+    # y_j = C_j h_j for the whole chunk, one [1, N] @ [N, P] product per token and group.
+    C, states = C.reshape(-1, 1, N), states.view(-1, N, P)
+    if out is not None and out.is_contiguous():
+        return torch.bmm(C, states, out=out.view(-1, 1, P)).view(b, L, G, P), h
+    y = torch.bmm(C, states).view(b, L, G, P)
+    return (y if out is None else out.copy_(y)), h
+
+
+def _blocked_chunk(
     dt: torch.Tensor,
     u: torch.Tensor,
     B: torch.Tensor,
@@ -241,25 +285,18 @@ def _scan_chunk(
     num_blocks: int,
     workspace: _Workspace | None,
     out: torch.Tensor | None = None,
-    readout: bool = True,
-) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """One chunk of b sequences: dt, u `[b, L, G, P]`; B, C `[b, L, G, N]`;
-    A `[G, N, P]` in log2 units (A log2(e)); h `[b, G, N, P]` the states entering the chunk;
-    workspace None (autograd) or one holding at least b L G N P floats (block-padded L);
-    out None or a `[b, L, G, P]` tensor for the output (dt itself may be it: it is read first);
-    readout False skips y (None comes back): the token loop's backward wants only the states.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk of b sequences in S = num_blocks >= 2 blocks of c tokens, scanned side by
+    side: the second form of `_token_loop_chunk` (same shapes, same results), with workspace
+    None under autograd, or one holding the block-padded chunk.
 
-    The chunk is S = num_blocks blocks of c tokens, scanned side by side: every step op works on
-    step j of all S blocks at once, so a chunk costs 2c + S step ops instead of L (with S = 1,
-    the default, L steps and one pass; without autograd pass 3 is one foreach call). Pass 1
-    scans each block from a zero state, pass 2 carries the states from block to block with each
-    block's total decay, pass 3 scans each block again from its true entering state, keeping
-    every state, and one batched matmul reads out y_j = C_j h_j for the whole chunk. States are
-    state-major, `[N, P]` per group: channels are the contiguous axis, so every op runs over
-    P-wide rows and the readout is a `[1, N] @ [N, P]` product per token. Tensors stay in time
-    order `[b, S, c, ...]`: step j of all blocks is S runs of G N P contiguous floats, as fast
-    to work on as one, and no input or output needs a transposed copy. Returns the scan output
-    sum_n C h `[b, L, G, P]` and the states leaving the chunk.
+    Every step op works on step j of all S blocks at once, so a chunk costs 2c + S step ops
+    instead of L. Pass 1 scans each block from a zero state, pass 2 carries the states from
+    block to block with each block's total decay, pass 3 scans each block again from its true
+    entering state, keeping every state (without autograd, one foreach call), and one batched
+    matmul reads out y_j = C_j h_j for the whole chunk. Tensors stay in time order
+    `[b, S, c, ...]`: step j of all blocks is S runs of G N P contiguous floats, as fast to
+    work on as one, and no input or output needs a transposed copy.
     """
     b, L, G, P = dt.shape
     N = B.shape[-1]
@@ -283,24 +320,21 @@ def _scan_chunk(
         torch.mul(dt[..., None, :], A, out=a).exp2_()
         torch.mul(B[..., None], x[..., None, :], out=bx)
 
-    if S > 1:
-        # 1. Each block from a zero state up to its last token (without autograd, in one
-        # buffer: a fresh tensor per step costs more than the step).
-        h_block = bx_steps[0]
-        buffer = None if workspace is None else torch.empty_like(h_block)
-        for a_j, b_j in zip(a_steps[1:], bx_steps[1:], strict=True):
-            h_block = torch.addcmul(b_j, a_j, h_block, out=buffer)
-        # 2. States entering each block, passed block to block with the block's log-space
-        # cumulative decay 2^((sum_j dt_j) A) <= 1 for dt >= 0, never a ratio of decays: however
-        # large dt |A| gets, nothing overflows and nothing divides by an underflowed product.
-        total = torch.exp2(dt.sum(2)[..., None, :] * A)  # [b, S, G, N, P]
-        entering = []
-        for total_s, h_s in zip(total.unbind(1), h_block.unbind(1), strict=True):
-            entering.append(h)
-            h = torch.addcmul(h_s, total_s, h)
-        h_run = torch.stack(entering, dim=1)
-    else:
-        h_run = h[:, None]
+    # 1. Each block from a zero state up to its last token (without autograd, in one buffer: a
+    # fresh tensor per step costs more than the step).
+    h_block = bx_steps[0]
+    buffer = None if workspace is None else torch.empty_like(h_block)
+    for a_j, b_j in zip(a_steps[1:], bx_steps[1:], strict=True):
+        h_block = torch.addcmul(b_j, a_j, h_block, out=buffer)
+    # 2. States entering each block, passed block to block with the block's log-space
+    # cumulative decay 2^((sum_j dt_j) A) <= 1 for dt >= 0, never a ratio of decays: however
+    # large dt |A| gets, nothing overflows and nothing divides by an underflowed product.
+    total = torch.exp2(dt.sum(2)[..., None, :] * A)  # [b, S, G, N, P]
+    entering = []
+    for total_s, h_s in zip(total.unbind(1), h_block.unbind(1), strict=True):
+        entering.append(h)
+        h = torch.addcmul(h_s, total_s, h)
+    h_run = torch.stack(entering, dim=1)
 
     # 3. Every block again from its true entering state, keeping every state. Without
     # autograd, state j overwrites bx_j, read for the last time (autograd could not go
@@ -313,11 +347,7 @@ def _scan_chunk(
         states = torch.stack(hs, dim=2)
     else:
         _foreach_recurrence_(bx_steps, a_steps, h_run)
-        h_run, states = bx_steps[-1], bx
-    if S == 1:
-        h = h_run[:, 0].clone()  # a copy: the next chunk overwrites the workspace
-    if not readout:
-        return None, h
+        states = bx
     # y_j = C_j h_j for the whole chunk, one [1, N] @ [N, P] product per token and group.
     C, states = C.reshape(-1, 1, N), states.view(-1, N, P)
     if out is not None and not pad and out.is_contiguous():
@@ -338,8 +368,8 @@ def _token_loop_backward(
     workspace: _Workspace,
     out: tuple[torch.Tensor, ...],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The backward of one chunk's token loop (`_scan_chunk` with one block), once
-    `_scan_chunk` has put the chunk's decays and states in workspace buffers 0 and 1: dt, u, dy
+    """The backward of one chunk's token loop, once `_token_loop_chunk` has put the chunk's
+    decays and states in workspace buffers 0 and 1: dt, u, dy
     `[b, L, G, P]` (dy: of the scan's output sum_n C h); B, C `[b, L, G, N]`; A `[G, N, P]`
     (log2 units); h, dh_out `[b, G, N, P]`, the states entering the chunk and the gradient of
     those leaving it; out: the tensors that take the gradients of dt, u, B and C.
@@ -351,15 +381,14 @@ def _token_loop_backward(
     """
     b, L, G, P = dt.shape
     N = B.shape[-1]
-    shape = (b, 1, L, G, N, P)
+    shape = (b, L, G, N, P)
     a, states, a_steps, _ = workspace.pairs(shape)
     dh, dh_steps = workspace.steps(2, shape)
 
-    torch.mul(C[..., None], dy[..., None, :], out=dh.view(b, L, G, N, P))
-    dh_steps[-1].add_(dh_out[:, None])
+    torch.mul(C.unsqueeze(-1), dy.unsqueeze(-2), out=dh)
+    dh_steps[-1].add_(dh_out)
     if L > 1:
         _foreach_recurrence_(dh_steps[-2::-1], a_steps[:0:-1], dh_steps[-1])
-    a, states, dh = (t.view(b, L, G, N, P) for t in (a, states, dh))
 
     # Every product below contracts a token's [N, P] block with a P- or N-vector: as
     # `[1, K] @ [K, M]` per token (for dB and dC against the block's transpose), the
@@ -435,7 +464,7 @@ def _carry_states(layout, h: torch.Tensor, inputs: list[torch.Tensor], scan, kee
 
 
 class _ChunkedTokenLoop(torch.autograd.Function):
-    """Every chunk's token loop (`_scan_chunk` with one block), then the D skip and the silu
+    """Every chunk's token loop (`_token_loop_chunk`), then the D skip and the silu
     gate, with a backward of its own: dt, u, z `[..., G, P]` and B, C `[..., G, N]` laid out by
     `layout` (`layout.gather`); A `[G, N, P]` (log2 units); h `[num_seqs, G, N, P]` the initial
     states; D `[G, P]`; D and z may be None; workspace: four buffers of at least one chunk's
@@ -456,7 +485,7 @@ class _ChunkedTokenLoop(torch.autograd.Function):
         inputs = [dt, u, B, C, y] + ([] if z is None else [z])
 
         def scan(h_k, dt_k, u_k, B_k, C_k, y_k, z_k=None):
-            h_k = _scan_chunk(dt_k, u_k, B_k, C_k, A, h_k, 1, workspace, out=y_k)[1]
+            h_k = _token_loop_chunk(dt_k, u_k, B_k, C_k, A, h_k, workspace, out=y_k)[1]
             _skip_and_gate_(y_k, u_k, D, z_k)
             return y_k, h_k
 
@@ -484,7 +513,7 @@ class _ChunkedTokenLoop(torch.autograd.Function):
             grads_k, (z_k, dz_k) = rest[:4], rest[4:] or (None, None)
             # The decays and states again; with z, the scan's output too (into buffer 3).
             y_scan = None if z is None else workspace.buffer(3, dt_k.shape)
-            _scan_chunk(dt_k, u_k, B_k, C_k, A, h_k, 1, workspace, y_scan, z is not None)
+            _token_loop_chunk(dt_k, u_k, B_k, C_k, A, h_k, workspace, y_scan, z is not None)
             dy_scan = _skip_and_gate_backward(dy_k, y_scan, u_k, D, z_k, dz_k)
             args = (dt_k, u_k, B_k, C_k, A, h_k, dy_scan, dh[:active], workspace, grads_k)
             dA_k, dh_k = _token_loop_backward(*args)
@@ -601,7 +630,7 @@ def selective_scan_chunk_ref(
     Chunks of `chunk_size` tokens run one after another, carrying the states (None: 8 to 256
     tokens, fewer the more states a token has, see `_default_chunk_size`); inside a chunk,
     token after token (None), or blocks of `block_size` tokens side by side in the log-space
-    form of `_scan_chunk` (slower on the CPUs measured, see `_blocks_per_chunk`; kept as a
+    form of `_blocked_chunk` (slower on the CPUs measured, see `_blocks_per_chunk`; kept as a
     second form that the tests hold to the same results). cu_seqlens (int32 `[N_seq + 1]`,
     B == 1) packs sequences along T; it is read on the host.
     Returns y `[B, T, Dm]` and the final state `[N_seq, Dm, N]` (None unless asked).
@@ -679,7 +708,9 @@ def selective_scan_chunk_ref(
     if not needs_grad:
         # y overwrites the laid-out dt (for dense layouts, dt itself), chunk by chunk.
         def scan(h_k, dt_k, u_k, B_k, C_k):
-            return _scan_chunk(dt_k, u_k, B_k, C_k, A2, h_k, S, workspace, out=dt_k)
+            if S == 1:
+                return _token_loop_chunk(dt_k, u_k, B_k, C_k, A2, h_k, workspace, out=dt_k)
+            return _blocked_chunk(dt_k, u_k, B_k, C_k, A2, h_k, S, workspace, out=dt_k)
 
         _, h, _ = _carry_states(layout, h, inputs, scan)
         y = inputs[0]
@@ -691,7 +722,7 @@ def selective_scan_chunk_ref(
 
         def scan(h_k, dt_k, u_k, B_k, C_k):
             args = (dt_k, u_k, B_k, C_k, A2, h_k, S, None)
-            return checkpoint(_scan_chunk, *args, use_reentrant=False)
+            return checkpoint(_blocked_chunk, *args, use_reentrant=False)
 
         ys, h, _ = _carry_states(layout, h, inputs, scan)
         y = layout.join(ys)
