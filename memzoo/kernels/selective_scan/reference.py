@@ -231,6 +231,20 @@ class _Workspace:
         return a, bx, a_steps, bx_steps
 
 
+def _readout(
+    C: torch.Tensor, states: torch.Tensor, L: int, out: torch.Tensor | None
+) -> torch.Tensor:
+    """y_j = C_j h_j for a chunk's first L tokens, one [1, N] @ [N, P] product per token and
+    group: C `[b, ..., G, N]` and states `[b, ..., G, N, P]` for L or more tokens (blocks may
+    pad the chunk), contiguous; written into out `[b, L, G, P]` when given."""
+    b, G, N, P = C.shape[0], C.shape[-2], C.shape[-1], states.shape[-1]
+    C, states = C.reshape(-1, 1, N), states.view(-1, N, P)
+    if out is not None and out.is_contiguous() and C.shape[0] == out.numel() // P:
+        return torch.bmm(C, states, out=out.view(-1, 1, P)).view(out.shape)
+    y = torch.bmm(C, states).view(b, -1, G, P)[:, :L]
+    return y if out is None else out.copy_(y)
+
+
 def _token_loop_chunk(
     dt: torch.Tensor,
     u: torch.Tensor,
@@ -265,14 +279,7 @@ def _token_loop_chunk(
     torch.mul(B.unsqueeze(-1), x.unsqueeze(-2), out=states)
     _foreach_recurrence_(states_steps, a_steps, h)
     h = states_steps[-1].clone()  # a copy: the next chunk overwrites the workspace
-    if not readout:
-        return None, h
-    # y_j = C_j h_j for the whole chunk, one [1, N] @ [N, P] product per token and group.
-    C, states = C.reshape(-1, 1, N), states.view(-1, N, P)
-    if out is not None and out.is_contiguous():
-        return torch.bmm(C, states, out=out.view(-1, 1, P)).view(b, L, G, P), h
-    y = torch.bmm(C, states).view(b, L, G, P)
-    return (y if out is None else out.copy_(y)), h
+    return (_readout(C, states, L, out) if readout else None), h
 
 
 def _blocked_chunk(
@@ -348,12 +355,7 @@ def _blocked_chunk(
     else:
         _foreach_recurrence_(bx_steps, a_steps, h_run)
         states = bx
-    # y_j = C_j h_j for the whole chunk, one [1, N] @ [N, P] product per token and group.
-    C, states = C.reshape(-1, 1, N), states.view(-1, N, P)
-    if out is not None and not pad and out.is_contiguous():
-        return torch.bmm(C, states, out=out.view(-1, 1, P)).view(b, L, G, P), h
-    y = torch.bmm(C, states).view(b, S * c, G, P)[:, :L]
-    return (y if out is None else out.copy_(y)), h
+    return _readout(C, states, L, out), h
 
 
 def _token_loop_backward(
