@@ -258,9 +258,9 @@ def _token_loop_chunk(
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """One chunk of b sequences, token after token: dt, u `[b, L, G, P]`; B, C `[b, L, G, N]`;
     A `[G, N, P]` in log2 units (A log2(e)); h `[b, G, N, P]` the states entering the chunk;
-    workspace holding at least b L G N P floats a buffer; out None or a `[b, L, G, P]` tensor
-    for the output (dt itself may be it: it is read first); readout False skips y (None comes
-    back): the token loop's backward wants only the states.
+    workspace with buffers of at least b L G N P floats each; out None or a `[b, L, G, P]`
+    tensor for the output (dt itself may be it: it is read first); readout False skips y (None
+    comes back): the token loop's backward wants only the states.
 
     The decays a_j = 2^(dt_j A) and inputs B_j x_j of the whole chunk take one op each, the
     recurrence one foreach call (`_foreach_recurrence_`), and one batched matmul reads out
