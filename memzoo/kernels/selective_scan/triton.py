@@ -223,6 +223,21 @@ def _entering(ptr, slot, seq, start, stop, block, m_ds, Dm, NS, BD: tl.constexpr
 
 
 @triton.jit
+def _backward_start(dht_ptr, slot, seq, start, stop, block, m_ds, Dm, NS, BD: tl.constexpr,
+                    BN: tl.constexpr, BT: tl.constexpr, HAS_DHT: tl.constexpr,
+                    SEGMENTED: tl.constexpr):  # fmt: skip
+    """What a backward program starts its reverse walk over [start, stop) with: the gradient
+    entering its last row (`_entering`), zeroed [BD, BN] dA and [BD] dbias sums, and its
+    number of BT-row tiles."""
+    carry = _entering(
+        dht_ptr, slot, seq, start, stop, block, m_ds, Dm, NS, BD, BN, HAS_DHT, SEGMENTED
+    )
+    dA = tl.zeros([BD, BN], dtype=tl.float32)
+    dbias = tl.zeros([BD], dtype=tl.float32)
+    return carry, dA, dbias, tl.cdiv(stop - start, BT)
+
+
+@triton.jit
 def _store_sums(dA_part_ptr, dbias_part_ptr, dh0_ptr, dA, dbias, dh0, slot, seq, block, m_ds,
                 o_d, m_d, Dm, NS, HAS_BIAS: tl.constexpr, STORE_DH0: tl.constexpr):  # fmt: skip
     """A backward program's last stores: its partial sums of dA and (HAS_BIAS) of the raw
@@ -471,12 +486,9 @@ def _bwd_kernel(
     o_t = tl.arange(0, BT)
 
     # `carry` is the gradient flowing into the tile's last row from after it.
-    carry = _entering(
-        dht_ptr, slot, seq, start, stop, block, m_ds, Dm, NS, BD, BN, HAS_DHT, SEGMENTED
+    carry, dA, dbias, num_tiles = _backward_start(
+        dht_ptr, slot, seq, start, stop, block, m_ds, Dm, NS, BD, BN, BT, HAS_DHT, SEGMENTED
     )
-    dA = tl.zeros([BD, BN], dtype=tl.float32)
-    dbias = tl.zeros([BD], dtype=tl.float32)
-    num_tiles = tl.cdiv(stop - start, BT)
     for j in range(0, num_tiles):
         c = num_tiles - 1 - j
         tile_start, rows, m_t, m_td = _tile(c, start, stop, m_d, BT)
@@ -540,12 +552,9 @@ def _bwd_looped_kernel(
     channel_rows = o_d.to(tl.int64)[None, :] * R
 
     # `carry[:, n]` is the gradient flowing into the tile's last row from after it.
-    carry = _entering(
-        dht_ptr, slot, seq, start, stop, block, m_ds, Dm, NS, BD, BN, HAS_DHT, SEGMENTED
+    carry, dA, dbias, num_tiles = _backward_start(
+        dht_ptr, slot, seq, start, stop, block, m_ds, Dm, NS, BD, BN, BT, HAS_DHT, SEGMENTED
     )
-    dA = tl.zeros([BD, BN], dtype=tl.float32)
-    dbias = tl.zeros([BD], dtype=tl.float32)
-    num_tiles = tl.cdiv(stop - start, BT)
     for j in range(0, num_tiles):
         c = num_tiles - 1 - j
         tile_start, rows, m_t, m_td = _tile(c, start, stop, m_d, BT)
