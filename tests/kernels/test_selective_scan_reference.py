@@ -203,15 +203,18 @@ def test_default_chunks_of_a_wide_state(packed):
         assert_close(f"d{name}", ref, grads[name], F64)
 
 
+@pytest.mark.parametrize("options", [ALL, ()], ids=["all-options", "plain-call"])
 @pytest.mark.parametrize("Dm,N", [(20, 4), (256, 16)], ids=["narrow", "wide"])
 @pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
-def test_defaults_with_and_without_autograd(Dm, N, packed):
-    """The defaults: the token loop that writes y over its dt buffer, and the autograd path,
-    equal the recurrence and leave inputs as they were."""
+def test_defaults_with_and_without_autograd(Dm, N, packed, options):
+    """The defaults: the token loop that writes y over its dt buffer (or, for the plain call,
+    reads delta where it lies and writes a fresh y), and the autograd path, equal the
+    recurrence and leave inputs as they were."""
     lengths = [37, 70, 5] if packed else None
     cu = None if lengths is None else cu_seqlens_from_lengths(lengths)
     Bsz, T = (1, sum(lengths)) if packed else (2, 100)
-    inputs, flags = make_inputs(Bsz, T, Dm, N, 2, seed=22, num_seqs=None if cu is None else 3)
+    num_seqs = None if cu is None else 3
+    inputs, flags = make_inputs(Bsz, T, Dm, N, 2, seed=22, options=options, num_seqs=num_seqs)
     before = {k: t.clone() for k, t in inputs.items() if t is not None}
     kwargs = {**flags, "output_final_state": True, "cu_seqlens": cu}
     y_ref, final_ref = selective_scan_recurrent_ref(**inputs, **kwargs)

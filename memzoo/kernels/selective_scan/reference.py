@@ -684,6 +684,16 @@ def selective_scan_chunk_ref(
     u_ = u.to(dtype)
     if needs_grad:
         dt = _effective_delta(delta.to(dtype), delta_bias, delta_softplus)
+    elif (
+        cu_seqlens is None
+        and delta_bias is None
+        and not delta_softplus
+        and delta.dtype == dtype
+        and delta.is_contiguous()
+    ):
+        # delta is the step as it is: read where it lies, no sequence-sized copy (y takes a
+        # fresh buffer instead of overwriting it).
+        dt = delta
     else:
         # Without autograd this buffer becomes y: chunk k's output overwrites chunk k's dt once
         # the scan has read it. Each fresh sequence-sized tensor is an allocation that may come
@@ -708,14 +718,15 @@ def selective_scan_chunk_ref(
         workspace = _Workspace(numel, u, dtype, count=2 if not needs_grad else 4)
 
     if not needs_grad:
-        # y overwrites the laid-out dt (for dense layouts, dt itself), chunk by chunk.
-        def scan(h_k, dt_k, u_k, B_k, C_k):
+        # y overwrites the laid-out dt (for dense layouts, dt itself), chunk by chunk, unless
+        # dt is the caller's delta.
+        def scan(h_k, dt_k, u_k, B_k, C_k, y_k):
             if S == 1:
-                return _token_loop_chunk(dt_k, u_k, B_k, C_k, A2, h_k, workspace, out=dt_k)
-            return _blocked_chunk(dt_k, u_k, B_k, C_k, A2, h_k, S, workspace, out=dt_k)
+                return _token_loop_chunk(dt_k, u_k, B_k, C_k, A2, h_k, workspace, out=y_k)
+            return _blocked_chunk(dt_k, u_k, B_k, C_k, A2, h_k, S, workspace, out=y_k)
 
-        _, h, _ = _carry_states(layout, h, inputs, scan)
-        y = inputs[0]
+        y = torch.empty_like(inputs[0]) if dt is delta else inputs[0]
+        _, h, _ = _carry_states(layout, h, [*inputs, y], scan)
     elif S == 1:
         D_ = None if D is None else D.to(dtype).view(G, P)
         z_ = None if z is None else layout.gather(z.to(dtype).reshape(Bsz, T, G, P))
