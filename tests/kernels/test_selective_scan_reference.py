@@ -1,21 +1,23 @@
 """selective_scan reference forms (recurrent, chunked), stability, varlen, decode, public API."""
 
 import math
+import threading
 
 import pytest
 import torch
 
 from memzoo.kernels import selective_scan, selective_state_update
 from memzoo.kernels._core import BackendUnavailableError, registered_ops
+from memzoo.kernels.selective_scan import reference
 from memzoo.kernels.selective_scan.reference import (
     _blocks_per_chunk,
+    _borrowed_workspace,
     _ChunkedTokenLoop,
     _default_chunk_size,
     _DenseChunks,
     _foreach_recurrence_,
     _PackedChunks,
     _stepwise_recurrence_,
-    _Workspace,
     selective_scan_chunk_ref,
     selective_scan_recurrent_ref,
 )
@@ -250,15 +252,59 @@ def test_token_loop_backward_gradcheck(packed, gated):
     A = -randn(G, N, P, seed=35, dtype=torch.float64).abs() * 2
     D = randn(G, P, seed=37, dtype=torch.float64)
     inputs = [t.requires_grad_() for t in (dt, u, B, C, A, h, *((D, z) if gated else ()))]
-    workspace = _Workspace(layout.active[0] * 3 * G * N * P, dt, torch.float64, count=4)
 
     def loop(dt, u, B, C, A, h, D=None, z=None):
         laid_out = [layout.gather(t) for t in (dt, u, B, C)]
         z = None if z is None else layout.gather(z)
-        y, h_final = _ChunkedTokenLoop.apply(*laid_out, A, h, D, z, layout, workspace)
+        y, h_final = _ChunkedTokenLoop.apply(*laid_out, A, h, D, z, layout)
         return layout.scatter(y), h_final
 
     assert torch.autograd.gradcheck(loop, inputs)
+
+
+def test_kept_workspace_is_lent_once_and_grows(monkeypatch):
+    """A thread's CPU workspace is kept for its next call; a call inside a call gets a fresh
+    one; a larger request grows the kept one to fit it and the calls before; one beyond the
+    byte cap, or of another dtype, gets a fresh one and leaves the kept one alone."""
+    monkeypatch.setattr(reference, "_kept", threading.local())
+    like, f32, f64 = torch.zeros(1), torch.float32, torch.float64
+    with _borrowed_workspace(100, like, f32, count=2) as first:
+        with _borrowed_workspace(10, like, f32, count=2) as inner:
+            assert inner is not first
+    with _borrowed_workspace(50, like, f32, count=1) as again:
+        assert again is first
+    with _borrowed_workspace(200, like, f32, count=1) as grown:
+        assert grown is not first
+        assert grown.holds(200, like.device, f32, count=2)
+    beyond = reference._KEPT_WORKSPACE_BYTES // f32.itemsize
+    with _borrowed_workspace(beyond, like, f32, count=2) as big:
+        assert big is not grown and big.holds(beyond, like.device, f32, count=2)
+    with _borrowed_workspace(200, like, f32, count=2) as again:
+        assert again is grown
+    with _borrowed_workspace(100, like, f64, count=2) as other:
+        assert other.buffers[0].dtype == f64 and other is not grown
+    assert reference._kept.workspace is other  # the last call's kind is kept
+
+
+def test_scans_sharing_the_kept_workspace_keep_their_gradients():
+    """Two scans of different widths, both forwards before either backward (as two layers of a
+    model run), share the thread's workspace: each gets the gradients it gets alone."""
+    cases = [make_inputs(2, 70, 20, 4, 2, seed=41), make_inputs(1, 90, 36, 16, 1, seed=42)]
+    refs = [forward_and_grads(selective_scan_recurrent_ref, *case) for case in cases]
+    leaves = [leaves_of(inputs) for inputs, _ in cases]
+    outputs = [
+        selective_scan_chunk_ref(**leaves_k, **flags, output_final_state=True, chunk_size=32)
+        for leaves_k, (_, flags) in zip(leaves, cases, strict=True)
+    ]
+    for y, final in reversed(outputs):
+        backward_random(y, final)
+    for (y_ref, final_ref, grads_ref), (y, final), leaves_k in zip(
+        refs, outputs, leaves, strict=True
+    ):
+        assert_close("y", y_ref, y.detach(), F64)
+        assert_close("final", final_ref, final.detach(), F64)
+        for name, ref in grads_ref.items():
+            assert_close(f"d{name}", ref, leaves_k[name].grad, F64)
 
 
 @pytest.mark.parametrize("grad", [False, True], ids=["inference", "autograd"])

@@ -15,7 +15,9 @@ All compute in fp32 (fp64 for fp64 inputs); y comes back in u's dtype, states in
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -210,6 +212,16 @@ class _Workspace:
     def __init__(self, numel: int, like: torch.Tensor, dtype: torch.dtype, count: int = 2):
         self.buffers = tuple(like.new_empty(numel, dtype=dtype) for _ in range(count))
         self._views: dict[tuple[int, ...], tuple] = {}
+        self.busy = False  # lent out by `_borrowed_workspace`
+
+    def holds(self, numel: int, device: torch.device, dtype: torch.dtype, count: int) -> bool:
+        """Whether this workspace has `count` buffers of `numel` floats of `dtype` on `device`."""
+        first = self.buffers[0]
+        return (
+            (first.device, first.dtype) == (device, dtype)
+            and len(self.buffers) >= count
+            and first.numel() >= numel
+        )
 
     def buffer(self, i: int, shape: tuple[int, ...]) -> torch.Tensor:
         """Buffer i as a tensor of `shape`."""
@@ -220,6 +232,8 @@ class _Workspace:
         its c steps (along the fourth axis from the last)."""
         key = (i, shape)
         if key not in self._views:
+            if len(self._views) >= 64:  # a kept workspace sees many shapes over its life
+                self._views.clear()
             x = self.buffer(i, shape)
             self._views[key] = (x, x.unbind(-4))
         return self._views[key]
@@ -229,6 +243,42 @@ class _Workspace:
         steps each."""
         (a, a_steps), (bx, bx_steps) = self.steps(0, shape), self.steps(1, shape)
         return a, bx, a_steps, bx_steps
+
+
+# Each thread keeps its last CPU workspace of up to this many bytes for its next call. A fresh
+# one per call is a large allocation that the allocator may map from the system and fault in,
+# page by page, every call: at B=1, Dm=512, N=16 (4 MiB of workspace) that made the forward
+# 1.7-2.2x slower at T=256 and 1.2-1.4x at T=1024 (2-core x86 VM, glibc; T=4096: no change).
+_KEPT_WORKSPACE_BYTES = 16 << 20
+_kept = threading.local()
+
+
+@contextlib.contextmanager
+def _borrowed_workspace(numel: int, like: torch.Tensor, dtype: torch.dtype, count: int):
+    """A `_Workspace` of `count` buffers of at least `numel` floats of `dtype` on like's
+    device, for the with block: on CPU the thread's kept one (grown to fit, up to
+    `_KEPT_WORKSPACE_BYTES`), or a fresh one when it is larger than that or already lent out
+    (a call inside a call). Its contents are scratch: nothing in it outlives the block."""
+    kept = getattr(_kept, "workspace", None)
+    if like.device.type != "cpu" or (kept is not None and kept.busy):
+        yield _Workspace(numel, like, dtype, count)
+        return
+    if kept is None or not kept.holds(numel, like.device, dtype, count):
+        sizes = [(numel, count)]
+        if kept is not None and kept.holds(0, like.device, dtype, count=0):
+            # Of the same kind: rather one that fits this call and the ones before it.
+            sizes.insert(0, (max(numel, kept.buffers[0].numel()), max(count, len(kept.buffers))))
+        fitting = [(n, c) for n, c in sizes if n * c * dtype.itemsize <= _KEPT_WORKSPACE_BYTES]
+        if not fitting:
+            yield _Workspace(numel, like, dtype, count)
+            return
+        numel, count = fitting[0]
+        kept = _kept.workspace = _Workspace(numel, like, dtype, count)
+    kept.busy = True
+    try:
+        yield kept
+    finally:
+        kept.busy = False
 
 
 def _readout(
@@ -469,8 +519,8 @@ class _ChunkedTokenLoop(torch.autograd.Function):
     """Every chunk's token loop (`_token_loop_chunk`), then the D skip and the silu
     gate, with a backward of its own: dt, u, z `[..., G, P]` and B, C `[..., G, N]` laid out by
     `layout` (`layout.gather`); A `[G, N, P]` (log2 units); h `[num_seqs, G, N, P]` the initial
-    states; D `[G, P]`; D and z may be None; workspace: four buffers of at least one chunk's
-    b L G N P floats, shared by the chunks (they run one at a time, forward and backward).
+    states; D `[G, P]`; D and z may be None. The chunks share one workspace
+    (`_borrowed_workspace`): two buffers of a chunk's b L G N P floats forward, four backward.
     Returns y, laid out like dt, and the final states.
 
     Autograd through the loop would record an op per token and reduce every broadcast product
@@ -482,49 +532,54 @@ class _ChunkedTokenLoop(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, dt, u, B, C, A, h, D, z, layout, workspace):
+    def forward(ctx, dt, u, B, C, A, h, D, z, layout):
         y = torch.empty_like(dt)
         inputs = [dt, u, B, C, y] + ([] if z is None else [z])
+        # One chunk's b L G N P floats a buffer: the first chunk is the largest.
+        numel = layout.active[0] * layout.chunk * math.prod(dt.shape[-2:]) * B.shape[-1]
 
-        def scan(h_k, dt_k, u_k, B_k, C_k, y_k, z_k=None):
-            h_k = _token_loop_chunk(dt_k, u_k, B_k, C_k, A, h_k, workspace, out=y_k)[1]
-            _skip_and_gate_(y_k, u_k, D, z_k)
-            return y_k, h_k
+        with _borrowed_workspace(numel, dt, dt.dtype, count=2) as workspace:
 
-        _, h, entering = _carry_states(layout, h, inputs, scan, keep_entering=True)
+            def scan(h_k, dt_k, u_k, B_k, C_k, y_k, z_k=None):
+                h_k = _token_loop_chunk(dt_k, u_k, B_k, C_k, A, h_k, workspace, out=y_k)[1]
+                _skip_and_gate_(y_k, u_k, D, z_k)
+                return y_k, h_k
+
+            _, h, entering = _carry_states(layout, h, inputs, scan, keep_entering=True)
         ctx.save_for_backward(dt, u, B, C, A, D, z, entering)
-        ctx.layout, ctx.workspace = layout, workspace
+        ctx.layout, ctx.numel = layout, numel
         return y, h
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy, dh):
         dt, u, B, C, A, D, z, entering = ctx.saved_tensors
-        layout, workspace = ctx.layout, ctx.workspace
-        grads = [torch.empty_like(t) for t in (dt, u, B, C)]
-        dz = None if z is None else torch.empty_like(z)
-        dA, dD = torch.zeros_like(A), None if D is None else torch.zeros_like(D)
-        chunks = zip(
-            layout.active,
-            entering.split(layout.active),
-            *(layout.chunks(t) for t in (dt, u, B, C, dy, *grads)),
-            *([] if z is None else [layout.chunks(z), layout.chunks(dz)]),
-            strict=True,
-        )
-        for active, h_k, dt_k, u_k, B_k, C_k, dy_k, *rest in reversed(list(chunks)):
-            grads_k, (z_k, dz_k) = rest[:4], rest[4:] or (None, None)
-            # The decays and states again; with z, the scan's output too (into buffer 3).
-            y_scan = None if z is None else workspace.buffer(3, dt_k.shape)
-            _token_loop_chunk(dt_k, u_k, B_k, C_k, A, h_k, workspace, y_scan, z is not None)
-            dy_scan = _skip_and_gate_backward(dy_k, y_scan, u_k, D, z_k, dz_k)
-            args = (dt_k, u_k, B_k, C_k, A, h_k, dy_scan, dh[:active], workspace, grads_k)
-            dA_k, dh_k = _token_loop_backward(*args)
-            dA += dA_k
-            if D is not None:
-                grads_k[1].addcmul_(dy_scan, D)
-                dD += (dy_scan * u_k).sum((0, 1))
-            dh = dh_k if active == dh.shape[0] else torch.cat([dh_k, dh[active:]])
-        return *grads, dA, dh, dD, dz, None, None
+        layout = ctx.layout
+        with _borrowed_workspace(ctx.numel, dt, dt.dtype, count=4) as workspace:
+            grads = [torch.empty_like(t) for t in (dt, u, B, C)]
+            dz = None if z is None else torch.empty_like(z)
+            dA, dD = torch.zeros_like(A), None if D is None else torch.zeros_like(D)
+            chunks = zip(
+                layout.active,
+                entering.split(layout.active),
+                *(layout.chunks(t) for t in (dt, u, B, C, dy, *grads)),
+                *([] if z is None else [layout.chunks(z), layout.chunks(dz)]),
+                strict=True,
+            )
+            for active, h_k, dt_k, u_k, B_k, C_k, dy_k, *rest in reversed(list(chunks)):
+                grads_k, (z_k, dz_k) = rest[:4], rest[4:] or (None, None)
+                # The decays and states again; with z, the scan's output too (into buffer 3).
+                y_scan = None if z is None else workspace.buffer(3, dt_k.shape)
+                _token_loop_chunk(dt_k, u_k, B_k, C_k, A, h_k, workspace, y_scan, z is not None)
+                dy_scan = _skip_and_gate_backward(dy_k, y_scan, u_k, D, z_k, dz_k)
+                args = (dt_k, u_k, B_k, C_k, A, h_k, dy_scan, dh[:active], workspace, grads_k)
+                dA_k, dh_k = _token_loop_backward(*args)
+                dA += dA_k
+                if D is not None:
+                    grads_k[1].addcmul_(dy_scan, D)
+                    dD += (dy_scan * u_k).sum((0, 1))
+                dh = dh_k if active == dh.shape[0] else torch.cat([dh_k, dh[active:]])
+        return *grads, dA, dh, dD, dz, None
 
 
 class _DenseChunks:
@@ -639,7 +694,9 @@ def selective_scan_chunk_ref(
 
     softplus runs once on the whole sequence, where the op is wide enough to use every thread;
     so do the D skip and the silu gate without autograd. Memory: O(T Dm) for those plus
-    O(chunk_size Dm N) for one chunk: one workspace that every chunk reuses. With autograd, the
+    O(chunk_size Dm N) for one chunk: one workspace that every chunk reuses, and on CPU the
+    calling thread keeps for its next call when it is 16 MiB or less (`_borrowed_workspace`;
+    the default chunk size keeps it to about 4 MiB, 8 MiB with autograd). With autograd, the
     token loop (the default, `_ChunkedTokenLoop`) does the skip and the gate chunk by chunk,
     keeps only its inputs and the states entering each chunk, and its backward recomputes a
     chunk's states and runs the adjoint recurrence, chunk by chunk; blocks go through autograd
@@ -711,26 +768,38 @@ def selective_scan_chunk_ref(
     ]
     L = layout.chunk
     S = _blocks_per_chunk(L, block_size)
-    workspace = None
-    if not needs_grad or S == 1:
-        # Shared by the chunks: the first is the largest (most sequences, the full length).
-        numel = layout.active[0] * -(-L // S) * S * Dm * N
-        workspace = _Workspace(numel, u, dtype, count=2 if not needs_grad else 4)
-
     if not needs_grad:
-        # y overwrites the laid-out dt (for dense layouts, dt itself), chunk by chunk, unless
-        # dt is the caller's delta.
-        def scan(h_k, dt_k, u_k, B_k, C_k, y_k):
-            if S == 1:
-                return _token_loop_chunk(dt_k, u_k, B_k, C_k, A2, h_k, workspace, out=y_k)
-            return _blocked_chunk(dt_k, u_k, B_k, C_k, A2, h_k, S, workspace, out=y_k)
+        # One workspace for every chunk: the first is the largest (most sequences, full length).
+        numel = layout.active[0] * -(-L // S) * S * Dm * N
+        with _borrowed_workspace(numel, u, dtype, count=2) as workspace:
+            # y overwrites the laid-out dt (for dense layouts, dt itself), chunk by chunk,
+            # unless dt is the caller's delta.
+            def scan(h_k, dt_k, u_k, B_k, C_k, y_k):
+                if S == 1:
+                    return _token_loop_chunk(dt_k, u_k, B_k, C_k, A2, h_k, workspace, out=y_k)
+                return _blocked_chunk(dt_k, u_k, B_k, C_k, A2, h_k, S, workspace, out=y_k)
 
-        y = torch.empty_like(inputs[0]) if dt is delta else inputs[0]
-        _, h, _ = _carry_states(layout, h, [*inputs, y], scan)
-    elif S == 1:
+            y = torch.empty_like(inputs[0]) if dt is delta else inputs[0]
+            _, h, _ = _carry_states(layout, h, [*inputs, y], scan)
+            y = layout.scatter(y).reshape(Bsz, T, Dm)
+            # y is a buffer of our own: the skip and gate in place.
+            if D is not None:
+                y.addcmul_(D.to(dtype), u_)
+            if z is not None:
+                # silu(z) through the spent workspace, a slice at a time: a fresh
+                # sequence-sized tensor for it would cost about as much as the gate itself.
+                scratch = workspace.buffers[0]
+                rows = scratch.numel() // Dm
+                for y_r, z_r in zip(
+                    y.view(-1, Dm).split(rows), z.reshape(-1, Dm).split(rows), strict=True
+                ):
+                    gate = scratch[: z_r.numel()].view(z_r.shape)
+                    y_r.mul_(torch.ops.aten.silu.out(z_r.to(dtype), out=gate))
+    elif S == 1:  # the token loop does the skip and the gate
         D_ = None if D is None else D.to(dtype).view(G, P)
         z_ = None if z is None else layout.gather(z.to(dtype).reshape(Bsz, T, G, P))
-        y, h = _ChunkedTokenLoop.apply(*inputs, A2, h, D_, z_, layout, workspace)
+        y, h = _ChunkedTokenLoop.apply(*inputs, A2, h, D_, z_, layout)
+        y = layout.scatter(y).reshape(Bsz, T, Dm)
     else:
 
         def scan(h_k, dt_k, u_k, B_k, C_k):
@@ -738,25 +807,7 @@ def selective_scan_chunk_ref(
             return checkpoint(_blocked_chunk, *args, use_reentrant=False)
 
         ys, h, _ = _carry_states(layout, h, inputs, scan)
-        y = layout.join(ys)
-    y = layout.scatter(y).reshape(Bsz, T, Dm)
-
-    if needs_grad:
-        if S > 1:  # the token loop has done them
-            y = _skip_and_gate(y, u_, D, z)
-    else:  # y is a buffer of our own: the skip and gate in place
-        if D is not None:
-            y.addcmul_(D.to(dtype), u_)
-        if z is not None:
-            # silu(z) through the spent workspace, a slice at a time: a fresh sequence-sized
-            # tensor for it would cost about as much as the gate itself.
-            scratch = workspace.buffers[0]
-            rows = scratch.numel() // Dm
-            for y_r, z_r in zip(
-                y.view(-1, Dm).split(rows), z.reshape(-1, Dm).split(rows), strict=True
-            ):
-                gate = scratch[: z_r.numel()].view(z_r.shape)
-                y_r.mul_(torch.ops.aten.silu.out(z_r.to(dtype), out=gate))
+        y = _skip_and_gate(layout.scatter(layout.join(ys)).reshape(Bsz, T, Dm), u_, D, z)
     y = y.to(u.dtype)
     if not output_final_state:
         return y, None
