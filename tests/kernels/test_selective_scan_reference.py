@@ -18,6 +18,7 @@ from memzoo.kernels.selective_scan.reference import (
     _foreach_recurrence_,
     _PackedChunks,
     _stepwise_recurrence_,
+    release_kept_workspace,
     selective_scan_chunk_ref,
     selective_scan_recurrent_ref,
 )
@@ -265,7 +266,8 @@ def test_token_loop_backward_gradcheck(packed, gated):
 def test_kept_workspace_is_lent_once_and_grows(monkeypatch):
     """A thread's CPU workspace is kept for its next call; a call inside a call gets a fresh
     one; a larger request grows the kept one to fit it and the calls before; one beyond the
-    byte cap, or of another dtype, gets a fresh one and leaves the kept one alone."""
+    byte cap gets a fresh one and leaves the kept one alone; another dtype replaces it;
+    release_kept_workspace drops it."""
     monkeypatch.setattr(reference, "_kept", threading.local())
     like, f32, f64 = torch.zeros(1), torch.float32, torch.float64
     with _borrowed_workspace(100, like, f32, count=2) as first:
@@ -284,6 +286,9 @@ def test_kept_workspace_is_lent_once_and_grows(monkeypatch):
     with _borrowed_workspace(100, like, f64, count=2) as other:
         assert other.buffers[0].dtype == f64 and other is not grown
     assert reference._kept.workspace is other  # the last call's kind is kept
+    release_kept_workspace()
+    with _borrowed_workspace(100, like, f64, count=2) as fresh:
+        assert fresh is not other
 
 
 def test_scans_sharing_the_kept_workspace_keep_their_gradients():

@@ -281,6 +281,12 @@ def _borrowed_workspace(numel: int, like: torch.Tensor, dtype: torch.dtype, coun
         kept.busy = False
 
 
+def release_kept_workspace() -> None:
+    """Drop the calling thread's kept workspace (see `_borrowed_workspace`): its memory goes
+    back to the allocator, and the thread's next CPU call allocates a new one."""
+    _kept.workspace = None
+
+
 def _readout(
     C: torch.Tensor, states: torch.Tensor, L: int, out: torch.Tensor | None
 ) -> torch.Tensor:
@@ -520,7 +526,7 @@ class _ChunkedTokenLoop(torch.autograd.Function):
     gate, with a backward of its own: dt, u, z `[..., G, P]` and B, C `[..., G, N]` laid out by
     `layout` (`layout.gather`); A `[G, N, P]` (log2 units); h `[num_seqs, G, N, P]` the initial
     states; D `[G, P]`; D and z may be None. The chunks share one workspace
-    (`_borrowed_workspace`): two buffers of a chunk's b L G N P floats forward, four backward.
+    (`_borrowed_workspace`) of four buffers of a chunk's b L G N P floats.
     Returns y, laid out like dt, and the final states.
 
     Autograd through the loop would record an op per token and reduce every broadcast product
@@ -538,7 +544,10 @@ class _ChunkedTokenLoop(torch.autograd.Function):
         # One chunk's b L G N P floats a buffer: the first chunk is the largest.
         numel = layout.active[0] * layout.chunk * math.prod(dt.shape[-2:]) * B.shape[-1]
 
-        with _borrowed_workspace(numel, dt, dt.dtype, count=2) as workspace:
+        # Two buffers would do here; four, the backward's, keep the thread's workspace from
+        # growing between the two, which left the old one in the heap: over 21 forward and
+        # backward calls at B=1, T=4096, Dm=512, N=16, 7-12 MiB more at the peak.
+        with _borrowed_workspace(numel, dt, dt.dtype, count=4) as workspace:
 
             def scan(h_k, dt_k, u_k, B_k, C_k, y_k, z_k=None):
                 h_k = _token_loop_chunk(dt_k, u_k, B_k, C_k, A, h_k, workspace, out=y_k)[1]
@@ -694,13 +703,13 @@ def selective_scan_chunk_ref(
 
     softplus runs once on the whole sequence, where the op is wide enough to use every thread;
     so do the D skip and the silu gate without autograd. Memory: O(T Dm) for those plus
-    O(chunk_size Dm N) for one chunk: one workspace that every chunk reuses, and on CPU the
-    calling thread keeps for its next call when it is 16 MiB or less (`_borrowed_workspace`;
-    the default chunk size keeps it to about 4 MiB, 8 MiB with autograd). With autograd, the
-    token loop (the default, `_ChunkedTokenLoop`) does the skip and the gate chunk by chunk,
-    keeps only its inputs and the states entering each chunk, and its backward recomputes a
-    chunk's states and runs the adjoint recurrence, chunk by chunk; blocks go through autograd
-    op by op, each chunk checkpointed.
+    O(chunk_size Dm N) for one chunk: one workspace that every chunk reuses. On CPU the calling
+    thread keeps it for its next call when it is 16 MiB or less (`_borrowed_workspace`; about
+    4 MiB at the default chunk size, 8 MiB with autograd; `release_kept_workspace` frees it).
+    With autograd, the token loop (the default, `_ChunkedTokenLoop`) does the skip and the
+    gate chunk by chunk, keeps only its inputs and the states entering each chunk, and its
+    backward recomputes a chunk's states and runs the adjoint recurrence, chunk by chunk;
+    blocks go through autograd op by op, each chunk checkpointed.
     """
     for name, value in (("chunk_size", chunk_size), ("block_size", block_size)):
         if value is not None and value < 1:
