@@ -110,7 +110,8 @@ def _worker(impl: str, T: int, args: argparse.Namespace) -> dict:
     defaults = inspect.signature(selective_scan_chunk_ref).parameters
     row = {
         "chunk_size": defaults["chunk_size"].default,
-        "chunk_tokens": defaults["chunk_size"].default or _default_chunk_size(Bsz * Dm * N, 4),
+        "chunk_tokens": defaults["chunk_size"].default
+        or _default_chunk_size(Bsz * Dm * N, 4, autograd=impl == "chunk fwd+bwd"),
         "block_size": defaults["block_size"].default,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -207,6 +208,7 @@ def _measure(T: int, args: argparse.Namespace) -> list[dict]:
 def write_table(rows: list[dict], args: argparse.Namespace, command: str) -> Path:
     block = rows[0]["block_size"]
     block = "block_size=None: a token loop" if block is None else f"block_size={block}"
+    autograd_tokens = next(r["chunk_tokens"] for r in rows if r["impl"] == "chunk fwd+bwd")
     lines = [
         f"# selective_scan on CPU {platform.machine()} ({rows[0]['threads']} threads)",
         "",
@@ -220,6 +222,7 @@ def write_table(rows: list[dict], args: argparse.Namespace, command: str) -> Pat
         "(interference only adds time, so these are its quietest moments). "
         f"'chunk' is the CPU path (`selective_scan_chunk_ref`, chunk_size="
         f"{rows[0]['chunk_size']}: chunks of {rows[0]['chunk_tokens']} tokens at this width, "
+        f"{autograd_tokens} with autograd, "
         f"{block}), 'recurrent' the token-by-token oracle "
         "(`selective_scan_recurrent_ref`). Memory: peak RSS growth during the call, measured "
         "in a fresh process after the inputs are allocated, under the default allocator and "

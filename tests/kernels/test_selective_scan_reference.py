@@ -163,16 +163,18 @@ def test_block_count_rule():
 
 
 def test_default_chunk_size_rule():
-    """Chunks of up to 256 tokens, each buffer within 2 MiB, shorter (powers of two, at least 8)
-    for wider states; fp64 states count double."""
-    assert _default_chunk_size(20 * 4, 4) == 256
-    assert _default_chunk_size(64 * 16, 4) == 256
-    assert _default_chunk_size(256 * 16, 4) == 128
-    assert _default_chunk_size(512 * 16, 4) == 64
-    assert _default_chunk_size(512 * 16, 8) == 32
-    assert _default_chunk_size(3 * 512 * 16, 4) == 16
-    assert _default_chunk_size(16 * 256 * 16, 4) == 8
-    assert _default_chunk_size(1024 * 1024 * 16, 4) == 8
+    """Chunks of up to 256 tokens, 2^k or 3 * 2^(k-1) of them (at least 8), each buffer within
+    3 MiB for the forward alone and 2 MiB with autograd; fp64 states count double."""
+    forward = {80: 256, 64 * 16: 256, 256 * 16: 192, 512 * 16: 96, 3 * 512 * 16: 32}
+    forward |= {16 * 256 * 16: 12, 1024 * 1024 * 16: 8}
+    for width, tokens in forward.items():
+        assert _default_chunk_size(width, 4, autograd=False) == tokens, width
+    assert _default_chunk_size(512 * 16, 8, autograd=False) == 48
+    autograd = {80: 256, 256 * 16: 128, 512 * 16: 64, 640 * 16: 48, 3 * 512 * 16: 16}
+    autograd |= {16 * 256 * 16: 8, 1024 * 1024 * 16: 8}
+    for width, tokens in autograd.items():
+        assert _default_chunk_size(width, 4, autograd=True) == tokens, width
+    assert _default_chunk_size(512 * 16, 8, autograd=True) == 32
 
 
 @pytest.mark.parametrize("recurrence", [_foreach_recurrence_, _stepwise_recurrence_])
@@ -194,7 +196,7 @@ def test_default_chunks_of_a_wide_state(packed):
     Bsz, T, Dm, N, G = (1, 80, 512, 16, 2) if packed else (8, 20, 512, 16, 2)
     lengths = [20, 13, 9, 8, 7, 10, 1, 12] if packed else None
     cu = None if lengths is None else cu_seqlens_from_lengths(lengths)
-    assert _default_chunk_size(8 * Dm * N, 8) == 8
+    assert _default_chunk_size(8 * Dm * N, 8, autograd=True) == 8
     inputs, flags = make_inputs(Bsz, T, Dm, N, G, seed=24, num_seqs=None if cu is None else 8)
     y_ref, final_ref, grads_ref = forward_and_grads(
         selective_scan_recurrent_ref, inputs, flags, cu_seqlens=cu

@@ -136,28 +136,36 @@ def selective_scan_recurrent_ref(
 # Chunked form
 # --------------------------------------------------------------------------------------
 
-# A chunk's buffers (decays, states; with autograd, the states' gradients too) of about this
-# many bytes each keep the chunk's passes over them in a CPU's cache (see `_default_chunk_size`).
-_CHUNK_BUFFER_BYTES = 2 << 20
+# Bytes each of a chunk's buffers aims at (decays, states; with autograd, the states' gradients
+# too): the forward alone works through two of them, with autograd the backward through four
+# (see `_default_chunk_size`).
+_CHUNK_BUFFER_BYTES = {"forward": 3 << 20, "autograd": 2 << 20}
 
 
-def _default_chunk_size(width: int, itemsize: int) -> int:
-    """Tokens per chunk when chunk_size is None: the largest power of two L in [8, 256] whose
-    buffers of L x `width` values (a token's states: sequences x Dm x N) of `itemsize` bytes
-    stay within about 2 MiB each, or 8.
+def _default_chunk_size(width: int, itemsize: int, autograd: bool) -> int:
+    """Tokens per chunk when chunk_size is None: the largest L in [8, 256] of the form 2^k or
+    3 * 2^(k-1) whose buffers of L x `width` values (a token's states: sequences x Dm x N) of
+    `itemsize` bytes stay within 3 MiB each (with autograd 2 MiB), or 8.
 
-    Per chunk the scan makes a handful of whole-chunk ops, so narrow states want long chunks;
-    wide ones want short chunks, which stay in cache. Measured on a 2-core x86 VM against the
-    neighbouring powers of two, interleaved in one process: Dm=64, N=16 (1024 states a token)
-    runs 1.2x faster in chunks of 256 than of 64, forward and forward + backward; one sequence
-    of Dm=512 keeps 64 (128: as fast at T=4096, 1.2x slower at T=256 and 1024; 32: 1.08x
-    slower with autograd); 16 sequences of Dm=256 (65536 states) take 8: the plain scan 1.1x
-    faster than in chunks of 16 forward and 1.1-1.2x with autograd, a Mamba block's call 1.04x,
-    and mamba-tiny's whole training step (batch 16) within this machine's noise: 0.93-1.03x in
-    five interleaved runs.
+    Each chunk makes a handful of whole-chunk ops, each with its fixed cost, so narrow states
+    want long chunks; wide ones want chunks whose buffers stay in cache, and the backward's
+    four buffers want shorter ones than the forward's two. Measured on a 2-core x86 VM (1 MiB
+    L2 a core, 32 MiB L3) against the neighbouring candidates, interleaved in one process,
+    with the thread's workspace kept between calls:
+    - forward: Dm=64, N=16 (1024 states a token) runs 1.2x faster in chunks of 256 than of 64;
+      one sequence of Dm=512 (8192 states) 1.03-1.06x faster in 96 than in 64 at T=1024 and
+      4096, as fast at T=256 (128: as fast as 96 at T=1024 and 4096, 0.94-1.01x at T=256);
+      Dm=256 (4096) 1.02x in 192 than in 128 (256: 0.97-1.01x); three sequences of Dm=512
+      1.08-1.12x in 32 than in 16; 16 sequences of Dm=256 (65536) 1.1x in 12 than in 8.
+    - with autograd: one sequence of Dm=512 keeps 64 (96: 0.89-1.03x; 32: 1.08x slower),
+      Dm=256 keeps 128 (192: 0.97-0.98x); 16 sequences of Dm=256 keep 8 (12: 1.03-1.04x
+      faster, 1.03-1.07x in medians).
     """
-    tokens = _CHUNK_BUFFER_BYTES // max(width * itemsize, 1)
-    return max(8, min(256, 1 << max(tokens.bit_length() - 1, 0)))
+    budget = _CHUNK_BUFFER_BYTES["autograd" if autograd else "forward"]
+    tokens = max(budget // max(width * itemsize, 1), 1)
+    power = 1 << (tokens.bit_length() - 1)
+    L = power * 3 // 2 if power * 3 // 2 <= tokens else power
+    return max(8, min(256, L))
 
 
 def _blocks_per_chunk(L: int, block_size: int | None) -> int:
@@ -721,9 +729,13 @@ def selective_scan_chunk_ref(
     if cu_seqlens is not None:
         offsets = cu_seqlens.tolist()
         lengths = [end - start for start, end in zip(offsets[:-1], offsets[1:], strict=True)]
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad
+        for t in (u, delta, A, B, C, D, z, delta_bias, initial_state)
+    )
     if chunk_size is None:
         running = Bsz if cu_seqlens is None else sum(n > 0 for n in lengths)
-        chunk_size = _default_chunk_size(running * Dm * N, dtype.itemsize)
+        chunk_size = _default_chunk_size(running * Dm * N, dtype.itemsize, needs_grad)
     if cu_seqlens is None:
         layout, num_seqs = _DenseChunks(Bsz, T, chunk_size), Bsz
     else:
@@ -743,10 +755,6 @@ def selective_scan_chunk_ref(
         y = u.new_zeros(Bsz, T, Dm)
         return y, (h.transpose(2, 3).reshape(num_seqs, Dm, N) if output_final_state else None)
 
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad
-        for t in (u, delta, A, B, C, D, z, delta_bias, initial_state)
-    )
     u_ = u.to(dtype)
     if needs_grad:
         dt = _effective_delta(delta.to(dtype), delta_bias, delta_softplus)
