@@ -158,8 +158,8 @@ def _default_chunk_size(width: int, itemsize: int, autograd: bool) -> int:
       Dm=256 (4096) 1.02x in 192 than in 128 (256: 0.97-1.01x); three sequences of Dm=512
       1.08-1.12x in 32 than in 16; 16 sequences of Dm=256 (65536) 1.1x in 12 than in 8.
     - with autograd: one sequence of Dm=512 keeps 64 (96: 0.89-1.03x; 32: 1.08x slower),
-      Dm=256 keeps 128 (192: 0.97-0.98x); 16 sequences of Dm=256 keep 8 (12: 1.03-1.04x
-      faster, 1.03-1.07x in medians).
+      Dm=256 keeps 128 (192: 0.97-0.98x); 16 sequences of Dm=256 keep 8 (12 ran 1.03-1.07x
+      faster there: one budget for every width is a compromise).
     """
     budget = _CHUNK_BUFFER_BYTES["autograd" if autograd else "forward"]
     tokens = max(budget // max(width * itemsize, 1), 1)
@@ -255,8 +255,9 @@ class _Workspace:
 
 # Each thread keeps its last CPU workspace of up to this many bytes for its next call. A fresh
 # one per call is a large allocation that the allocator may map from the system and fault in,
-# page by page, every call: at B=1, Dm=512, N=16 (4 MiB of workspace) that made the forward
-# 1.7-2.2x slower at T=256 and 1.2-1.4x at T=1024 (2-core x86 VM, glibc; T=4096: no change).
+# page by page, every call: at B=1, Dm=512, N=16 in chunks of 64 (4 MiB of workspace) that
+# made the forward 1.7-2.2x slower at T=256 and 1.2-1.4x at T=1024 (2-core x86 VM, glibc), and
+# made shorter chunks, with smaller workspaces, look faster than they are.
 _KEPT_WORKSPACE_BYTES = 16 << 20
 _kept = threading.local()
 
