@@ -314,6 +314,29 @@ def test_scans_sharing_the_kept_workspace_keep_their_gradients():
             assert_close(f"d{name}", ref, leaves_k[name].grad, F64)
 
 
+def test_threads_scanning_at_once_keep_their_own_workspaces():
+    """Two threads scanning at the same time, call after call, each with the thread's own kept
+    workspace: every result equals the recurrence."""
+    cases = [make_inputs(2, 150, 40, 4, 1, seed=43), make_inputs(2, 100, 72, 4, 2, seed=44)]
+    refs = [selective_scan_recurrent_ref(**inputs, **flags)[0] for inputs, flags in cases]
+    errors = [[], []]
+
+    def scan(i):
+        inputs, flags = cases[i]
+        for _ in range(10):
+            with torch.inference_mode():
+                y = selective_scan_chunk_ref(**inputs, **flags, chunk_size=16)[0]
+            errors[i].append(float((y - refs[i]).abs().max() / refs[i].abs().max()))
+
+    threads = [threading.Thread(target=scan, args=(i,)) for i in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [len(e) for e in errors] == [10, 10]
+    assert max(max(e) for e in errors) < 1e-12
+
+
 @pytest.mark.parametrize("grad", [False, True], ids=["inference", "autograd"])
 def test_non_contiguous_inputs(grad):
     """u, delta, z as slices of one projection (as a Mamba layer makes them), B and C as
